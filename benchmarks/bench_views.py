@@ -1,0 +1,138 @@
+"""Time two SimCLR view batches against one ResNet-18 forward+backward on the same batch.
+
+Usage: python benchmarks/bench_views.py [--batch-size 256] [--repeats 10] [--device cpu]
+
+Views must be a small fraction of a training step; the stock ``kornia.augmentation`` pipeline with the
+same policy is timed alongside as a reference. Timings are interleaved, median of repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idaa.data.views import ViewPolicy
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity or 1x1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual block output relu(F(x) + shortcut(x))."""
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+def make_resnet18(out_dim: int = 128) -> nn.Module:
+    """Minimal CIFAR-stem ResNet-18 (3x3 stride-1 stem, no max-pool) with a linear head, for timing only."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(cin, width, stride), _BasicBlock(width, width, 1)]
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def _kornia_reference(size: int) -> nn.Module:
+    """The same SimCLR policy built from stock kornia.augmentation modules (reference only)."""
+    return nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(0.08, 1.0)),
+        K.RandomHorizontalFlip(),
+        K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+        K.RandomGrayscale(p=0.2),
+        K.Normalize(torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD)),
+    )
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Return a function timing one call in ms, synchronising the accelerator around it."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def time_ms(fn: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - start) * 1000
+
+    return time_ms
+
+
+def main() -> None:
+    """Parse arguments, time views vs the ResNet-18 step, print a markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-kornia", action="store_true", help="skip the stock kornia reference row")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+    policy = ViewPolicy("simclr", 32, CIFAR_MEAN, CIFAR_STD).to(device)
+    reference = _kornia_reference(32).to(device)
+    net = make_resnet18().to(device)
+    batch = policy(images)
+
+    def views() -> None:
+        policy(images), policy(images)
+
+    def kornia_views() -> None:
+        with torch.no_grad():
+            reference(images.float() / 255), reference(images.float() / 255)
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        net(batch).mean().backward()
+
+    jobs = {"idaa views": views, "resnet": step}
+    if not args.no_kornia:
+        jobs["kornia views"] = kornia_views
+    time_ms = _timer(device)
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in jobs.items():
+            ms = time_ms(fn)
+            if i >= args.warmup:
+                times[name].append(ms)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    print(
+        f"\nbatch {args.batch_size} x 3 x 32 x 32 uint8, device {device}, threads {torch.get_num_threads()}, "
+        f"median of {args.repeats}\n"
+    )
+    print("| pipeline (2 SimCLR views) | views ms | resnet-18 fwd+bwd ms | ratio % |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in [n for n in jobs if n != "resnet"]:
+        label = "idaa.data.views" if name == "idaa views" else "stock kornia.augmentation (reference)"
+        ratio = 100 * med[name] / med["resnet"]
+        print(f"| {label} | {med[name]:.1f} | {med['resnet']:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

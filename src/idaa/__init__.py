@@ -1,0 +1,10 @@
+"""idaa: Identity-Disentangled Adversarial Augmentation (ICML 2022) for self-supervised learning."""
+
+from idaa.adversaries import ADVERSARIES, CLAE, IDAA, Adversary, LatentNoise, RandomView, build_adversary
+from idaa.errors import IdaaError
+from idaa.nets import VAE, MLPHead, build_backbone, load_vae
+
+__version__ = "0.1.0"
+
+__all__ = ["ADVERSARIES", "CLAE", "IDAA", "VAE", "Adversary", "IdaaError", "LatentNoise", "MLPHead", "RandomView",
+           "build_adversary", "build_backbone", "load_vae", "__version__"]

@@ -1,0 +1,83 @@
+"""Run folders: refuse to clobber an existing run, write files atomically, append metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from idaa.errors import IdaaError
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create `out`, or accept it when resuming; an existing non-empty run needs --resume or --overwrite."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise IdaaError(f"output path '{path}' exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise IdaaError(f"run folder '{path}' already exists; pass --resume to continue it or --overwrite to "
+                        "replace it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise IdaaError(f"cannot write to output folder '{path}' ({exc.strerror or type(exc).__name__})") from None
+    if overwrite and not resume:
+        for name in ("metrics.jsonl",):
+            (path / name).unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save that never leaves a half-written file at `path`."""
+    atomic_write_bytes(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def write_config(path: str | Path, config: dict[str, Any]) -> None:
+    """The fully resolved config as YAML (what a rerun needs)."""
+    text = yaml.safe_dump(config, sort_keys=False).encode()
+    atomic_write_bytes(Path(path), lambda handle: handle.write(text))
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `metrics.jsonl`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; an unavailable device is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise IdaaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IdaaError(f"device {device!r} requested but CUDA is not available")
+    return dev

@@ -1,0 +1,149 @@
+"""`idaa vae train`: fit the identity-disentangling VAE on augmented views, then freeze it into `vae.pt`."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.views import build_view_policy
+from idaa.errors import IdaaError
+from idaa.imaging import save_grid, stretch, to_unit_range
+from idaa.nets.vae import VAE, save_vae, vae_loss
+from idaa.train.run_dir import MetricsLog, prepare_run_dir, resolve_device, write_config
+
+
+@dataclass
+class VAETrainConfig:
+    """Everything `idaa vae train` needs; defaults are SPEC 1 (d=512, beta 0.1, Adam 5e-4 (0, 0.9), bs 128)."""
+
+    out: str
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    latent_dim: int = 512
+    hidden: int = 128
+    beta: float = 0.1
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 5e-4
+    policy: str = "clae"  # the VAE learns to reconstruct augmented views, as the authors train it
+    limit: int | None = None
+    eval_images: int = 2000
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Reject impossible values before any data is read or any folder is touched."""
+        for key in ("latent_dim", "hidden", "epochs", "batch_size", "eval_images"):
+            if getattr(self, key) < 1:
+                raise IdaaError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise IdaaError(f"--beta must be a finite number >= 0, got {self.beta}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise IdaaError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.limit is not None and self.limit < 1:
+            raise IdaaError(f"--limit must be >= 1, got {self.limit}")
+
+
+def _held_out(cfg: VAETrainConfig, train: ImageDataset) -> ImageDataset:
+    """The test split for reporting reconstruction error; a slice of train for sets that have none."""
+    try:
+        test = load_dataset(cfg.dataset, cfg.data_dir, split="test")
+    except IdaaError:
+        test = train
+    return test.take(min(cfg.eval_images, len(test)), seed=cfg.seed)
+
+
+@torch.no_grad()
+def evaluate_vae(vae: VAE, views: torch.Tensor, beta: float, batch_size: int = 500) -> dict[str, float]:
+    """Reconstruction MSE, KL and the MSE relative to the views' variance, in eval mode (z = mu)."""
+    was_training = vae.training
+    vae.eval()
+    mse = kl = 0.0
+    for chunk in views.split(batch_size):
+        recon, mu, logvar = vae(chunk)
+        _, m, k = vae_loss(recon, chunk, mu, logvar, beta)
+        mse, kl = mse + m.item() * len(chunk), kl + k.item() * len(chunk)
+    vae.train(was_training)
+    n = len(views)
+    return {"mse": mse / n, "kl": kl / n, "relative_mse": mse / n / views.var().item()}
+
+
+def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
+    """Train, log every epoch to metrics.jsonl, save vae.pt (atomically) and a x / G(x) / R(x) PNG grid."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
+    if cfg.limit is not None:
+        train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
+    if cfg.batch_size > len(train):
+        raise IdaaError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(train)} images)")
+    held_out = _held_out(cfg, train)
+    torch.manual_seed(cfg.seed)
+    vae = VAE(train.image_size, train.channels, cfg.latent_dim, cfg.hidden).to(device)
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    write_config(out / "config.yaml", {"command": "vae train", **asdict(cfg), "train_images": len(train)})
+    log = MetricsLog(out / "metrics.jsonl")
+
+    augment = build_view_policy(cfg.policy, train.image_size, train.mean, train.std)
+    plain = build_view_policy("eval", train.image_size, train.mean, train.std)
+    images = train.images.to(device)
+    eval_views = plain(held_out.images.to(device))
+    steps_per_epoch = len(train) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=(0.0, 0.9))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)  # linear decay to 0
+    meta = {"dataset": train.name, "data_dir": cfg.data_dir, "image_size": train.image_size,
+            "channels": train.channels, "mean": list(train.mean), "std": list(train.std), "beta": cfg.beta,
+            "policy": cfg.policy, "train_images": len(train)}
+    bar = tqdm(total=total, desc="vae", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    start, step, result = time.perf_counter(), 0, {}
+    for epoch in range(1, cfg.epochs + 1):
+        vae.train()
+        order = torch.randperm(len(train), device=device)
+        sums = torch.zeros(3, device=device)
+        epoch_start = time.perf_counter()
+        for i in range(steps_per_epoch):
+            views = augment(images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+            recon, mu, logvar = vae(views)
+            loss, mse, kl = vae_loss(recon, views, mu, logvar, cfg.beta)
+            if not torch.isfinite(loss):
+                raise IdaaError(f"VAE loss became {loss.item()} at step {step + 1} (epoch {epoch}); try a lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            sums += torch.stack([loss.detach(), mse.detach(), kl.detach()])
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(epoch=epoch, mse=f"{mse.item():.4f}", kl=f"{kl.item():.4f}")
+        seconds = time.perf_counter() - epoch_start
+        train_loss, train_mse, train_kl = (sums / steps_per_epoch).tolist()
+        held = evaluate_vae(vae, eval_views, cfg.beta)
+        result = {"epoch": epoch, "step": step, "loss": train_loss, "train_mse": train_mse, "train_kl": train_kl,
+                  "test_mse": held["mse"], "test_kl": held["kl"], "test_relative_mse": held["relative_mse"],
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
+                  "time": time.perf_counter() - start}
+        log.write(result)
+        save_vae(vae, out / "vae.pt", {**meta, "epochs": epoch})
+    bar.close()
+    vae.eval()
+    decomposition_grid(vae, eval_views[:16], train.mean, train.std, out / "reconstructions.png")
+    return result
+
+
+@torch.no_grad()
+def decomposition_grid(vae: VAE, views: torch.Tensor, mean, std, path: Path) -> Path:
+    """Rows x, G(x) = D(mu(x)) and the residual R(x) = x - G(x) (stretched around grey)."""
+    generated = vae.decode(vae.encode(views)[0])
+    residual = views - generated
+    return save_grid([to_unit_range(views, mean, std), to_unit_range(generated, mean, std), stretch(residual)], path)
