@@ -1,4 +1,4 @@
-"""Time two SimCLR view batches against one ResNet-18 forward+backward on the same batch.
+"""Time two SimCLR view batches against one backbone+projector forward+backward on the same batch.
 
 Usage: python benchmarks/bench_views.py [--batch-size 256] [--repeats 10] [--device cpu]
 
@@ -15,42 +15,12 @@ from collections.abc import Callable
 
 import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idaa.data.views import ViewPolicy
+from idaa.nets import MLPHead, build_backbone
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
-
-
-class _BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity or 1x1 projection shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual block output relu(F(x) + shortcut(x))."""
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
-
-
-def make_resnet18(out_dim: int = 128) -> nn.Module:
-    """Minimal CIFAR-stem ResNet-18 (3x3 stride-1 stem, no max-pool) with a linear head, for timing only."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
-    cin = 64
-    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [_BasicBlock(cin, width, stride), _BasicBlock(width, width, 1)]
-        cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, out_dim)]
-    return nn.Sequential(*layers)
 
 
 def _kornia_reference(size: int) -> nn.Module:
@@ -88,6 +58,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone", default="resnet18-cifar")
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--no-kornia", action="store_true", help="skip the stock kornia reference row")
     args = parser.parse_args()
 
@@ -96,7 +68,8 @@ def main() -> None:
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     policy = ViewPolicy("simclr", 32, CIFAR_MEAN, CIFAR_STD).to(device)
     reference = _kornia_reference(32).to(device)
-    net = make_resnet18().to(device)
+    backbone = build_backbone(args.backbone, width=args.width)
+    net = nn.Sequential(backbone, MLPHead([backbone.out_dim, 512, 64])).to(device)
     batch = policy(images)
 
     def views() -> None:
@@ -126,7 +99,7 @@ def main() -> None:
         f"\nbatch {args.batch_size} x 3 x 32 x 32 uint8, device {device}, threads {torch.get_num_threads()}, "
         f"median of {args.repeats}\n"
     )
-    print("| pipeline (2 SimCLR views) | views ms | resnet-18 fwd+bwd ms | ratio % |")
+    print(f"| pipeline (2 SimCLR views) | views ms | {args.backbone} fwd+bwd ms | ratio % |")
     print("| --- | ---: | ---: | ---: |")
     for name in [n for n in jobs if n != "resnet"]:
         label = "idaa.data.views" if name == "idaa views" else "stock kornia.augmentation (reference)"

@@ -22,7 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _add_data(p: argparse.ArgumentParser, default: str = "cifar10") -> None:
+def _add_data(p: argparse.ArgumentParser, default: str | None = "cifar10") -> None:
     from idaa.data.datasets import DATASETS
 
     p.add_argument("--dataset", default=default, choices=DATASETS)
@@ -50,11 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     _add_common(t)
 
+    c = vae.add_parser("check", help="show what a vae.pt was trained on; with --dataset, check that it fits")
+    c.add_argument("vae", help="path to vae.pt")
+    _add_data(c, default=None)
+
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
     d.add_argument("--vae-epochs", type=int, default=15)
     _add_common(d)
     return parser
+
+
+def _vae(args: argparse.Namespace) -> None:
+    (_vae_train if args.vae_command == "train" else _vae_check)(args)
+
+
+def _vae_check(args: argparse.Namespace) -> None:
+    from idaa.nets.vae import check_vae_fits, load_vae
+
+    vae = load_vae(args.vae)
+    meta = vae.meta
+    print(f"{args.vae}: {vae.image_size} px, latent {vae.latent_dim}, trained on {meta.get('dataset', '?')} "
+          f"({meta.get('train_images', '?')} images, {meta.get('epochs', '?')} epochs, beta {meta.get('beta', '?')})")
+    if args.dataset is not None:
+        from idaa.data.datasets import load_dataset
+
+        data = load_dataset(args.dataset, args.data_dir, split="train", download=args.download)
+        check_vae_fits(vae, data.name, data.image_size, data.mean, data.std)
+        print(f"fits {data.name} ({data.image_size} px)")
 
 
 def _vae_train(args: argparse.Namespace) -> None:
@@ -80,11 +103,11 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"vae": _vae_train, "demo": _demo}
+    handlers = {"vae": _vae, "demo": _demo}
     try:
         handlers[args.command](args)
     except IdaaError as exc:
-        print(f"idaa: error: {exc}", file=sys.stderr)
+        print(f"idaa: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("idaa: interrupted", file=sys.stderr)
