@@ -54,11 +54,88 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("vae", help="path to vae.pt")
     _add_data(c, default=None)
 
+    _add_pretrain(sub)
+    ev = sub.add_parser("eval", help="evaluate a pretraining checkpoint").add_subparsers(
+        dest="eval_command", required=True, parser_class=_Parser)
+    k = ev.add_parser("knn", help="weighted kNN accuracy of a checkpoint's features")
+    k.add_argument("checkpoint")
+    k.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    k.add_argument("--data-dir", default=None)
+    k.add_argument("--limit", type=int, default=None, help="bank size (default: the training run's)")
+    k.add_argument("--k", type=int, default=200)
+    k.add_argument("--temperature", type=float, default=0.1)
+    k.add_argument("--features", default="backbone", choices=("backbone", "projector"))
+    k.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
+    k.add_argument("--device", default="auto")
+
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
     d.add_argument("--vae-epochs", type=int, default=15)
     _add_common(d)
     return parser
+
+
+# (flag, type, help) for every PretrainConfig field settable from the command line; None means "not given".
+_PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("method", str, "simclr"), ("adversary", str, "none, idaa, clae, idaa-nodecomp, latent-noise, random-view"),
+    ("vae", str, "vae.pt for the VAE-based adversaries"), ("dataset", str, "dataset name"),
+    ("data-dir", str, "dataset folder"), ("limit", int, "train on a seeded class-balanced subset"),
+    ("backbone", str, "resnet18-cifar, resnet50-cifar, resnet18, resnet50, resnet101, wrn28-k"),
+    ("width", int, "ResNet base width (64)"), ("epochs", int, ""), ("batch-size", int, ""),
+    ("optimizer", str, "adam or sgd"), ("lr", float, ""), ("weight-decay", float, ""), ("momentum", float, ""),
+    ("schedule", str, "cosine or constant"), ("warmup-epochs", int, ""), ("temperature", float, "loss temperature"),
+    ("attack-loss", str, "anchored (paper) or symmetric (authors' code)"), ("policy", str, "view policy"),
+    ("eps", float, "adversary budget (IDAA 0.15 latent, CLAE 0.03 pixels)"), ("attack-steps", int, "1 = FGSM"),
+    ("attack-step-size", float, ""), ("attack-norm", str, "linf or l2"), ("alpha", float, "weight of L(v1, x')"),
+    ("knn-every", int, "online kNN every N epochs (0 = off)"), ("knn-k", int, ""), ("knn-temperature", float, ""),
+    ("checkpoint-every", int, "keep epochNNNN.ckpt every N epochs"), ("max-steps", int, "stop after N steps"),
+    ("seed", int, ""), ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32 or bf16"),
+]
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining with an optional adversary")
+    p.add_argument("--config", default=None, help="YAML preset (configs/); flags override it")
+    p.add_argument("--out", default=None, help="run folder")
+    for flag, kind, text in _PRETRAIN_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text or None)
+    p.add_argument("--random-start", action="store_true", default=None, help="PGD random start in the eps-ball")
+    p.add_argument("--download", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from idaa.train.config import read_preset, resolve_config
+    from idaa.train.pretrain import pretrain
+
+    if args.resume and args.overwrite:
+        raise IdaaError("--resume and --overwrite exclude each other")
+    preset = read_preset(args.config) if args.config else None
+    if args.resume and preset is None and args.out and (Path(args.out) / "config.yaml").is_file():
+        preset = read_preset(Path(args.out) / "config.yaml")
+        preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
+    names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + ["random_start", "download", "out"]
+    cfg = resolve_config(preset, {name: getattr(args, name) for name in names})
+    result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if not result:
+        print(f"pretrain: nothing to do, {cfg.out} has already trained {cfg.epochs} epochs")
+        return
+    knn = f"  kNN top-1 {result['knn_top1']:.2f}%" if "knn_top1" in result else ""
+    print(f"pretrain: epoch {result.get('epoch')}  step {result.get('step')}  loss {result.get('loss', 0):.4f}"
+          f"{knn}  -> {cfg.out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from idaa.evaluate.knn import knn_from_checkpoint
+
+    result = knn_from_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.limit, args.k, args.temperature,
+                                 args.features, args.metric, args.device)
+    print(f"kNN top-1 {result['knn_top1']:.2f}%  (k={result['k']}, T={result['temperature']}, "
+          f"{result['features']} features, bank {result['bank']}, queries {result['queries']})")
 
 
 def _vae(args: argparse.Namespace) -> None:
@@ -103,7 +180,7 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"vae": _vae, "demo": _demo}
+    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo}
     try:
         handlers[args.command](args)
     except IdaaError as exc:

@@ -1,0 +1,43 @@
+"""Reading pretraining checkpoints without the training loop (evaluation and analysis start here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idaa.errors import IdaaError
+from idaa.methods import Method, build_method
+from idaa.nets.resnet import build_backbone
+
+CHECKPOINT_FORMAT = 1
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dictionary; a missing, truncated or foreign file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise IdaaError(f"checkpoint '{path}' does not exist")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, ...
+        raise IdaaError(f"'{path}' is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or "method" not in blob:
+        raise IdaaError(f"'{path}' is not an idaa pretraining checkpoint")
+    return blob
+
+
+def build_from_config(config: dict[str, Any], in_channels: int = 3) -> Method:
+    """The method (backbone + heads) a run config describes, freshly initialised."""
+    backbone = build_backbone(config["backbone"], width=config.get("width"), in_channels=in_channels)
+    return build_method(config["method"], backbone, temperature=config["temperature"],
+                        attack_loss=config["attack_loss"], **config.get("method_options", {}))
+
+
+def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[Method, dict[str, Any]]:
+    """(method in eval mode with its weights, checkpoint dict) from a `last.ckpt`-style file."""
+    blob = read_checkpoint(path, map_location=device)
+    method = build_from_config(blob["config"], blob.get("data", {}).get("channels", 3))
+    method.load_state_dict(blob["method"])
+    return method.to(device).eval(), blob

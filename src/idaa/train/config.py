@@ -1,0 +1,126 @@
+"""The resolved configuration of a pretraining run: presets from YAML, then command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from idaa.adversaries import ADVERSARIES
+from idaa.errors import IdaaError
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of `idaa pretrain`; the defaults are the authors' SimCLR recipe (Adam 3e-4, cosine, bs 256)."""
+
+    out: str = ""
+    method: str = "simclr"
+    adversary: str = "none"
+    vae: str | None = None
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    limit: int | None = None
+    backbone: str = "resnet18-cifar"
+    width: int | None = None
+    epochs: int = 200
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    temperature: float = 0.5
+    attack_loss: str = "anchored"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    eps: float | None = None
+    attack_steps: int = 1
+    attack_step_size: float | None = None
+    attack_norm: str = "linf"
+    random_start: bool = False
+    alpha: float = 1.0
+    knn_every: int = 1
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def validate(self) -> PretrainConfig:
+        """One-line errors for impossible values, before anything is read or written."""
+        if not self.out:
+            raise IdaaError("--out is required: the run folder to create")
+        if self.adversary not in ADVERSARIES:
+            raise IdaaError(f"unknown adversary {self.adversary!r}; choose from {', '.join(ADVERSARIES)}")
+        positive_ints = ("epochs", "batch_size", "attack_steps", "knn_k")
+        for key in positive_ints:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {getattr(self, key)!r}")
+        for key in ("limit", "max_steps", "width"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {value!r}")
+        for key in ("knn_every", "checkpoint_every", "warmup_epochs"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise IdaaError(f"{_flag(key)} must be an integer >= 0, got {getattr(self, key)!r}")
+        for key, low in (("lr", 0.0), ("temperature", 0.0), ("knn_temperature", 0.0)):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= low:
+                raise IdaaError(f"{_flag(key)} must be a finite number > 0, got {value!r}")
+        for key in ("weight_decay", "alpha", "momentum", "eps"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
+                raise IdaaError(f"{_flag(key)} must be a finite number >= 0, got {value!r}")
+        choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
+                   "precision": ("fp32", "bf16"), "attack_norm": ("linf", "l2"),
+                   "attack_loss": ("anchored", "symmetric")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise IdaaError(f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        return self
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+FIELDS = {f.name for f in dataclasses.fields(PretrainConfig)}
+
+
+def read_preset(path: str | Path) -> dict[str, Any]:
+    """A preset's settings; unknown keys and malformed YAML are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise IdaaError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise IdaaError(f"config file '{path}' is not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise IdaaError(f"config file '{path}' must hold a mapping of settings, got {type(data).__name__}")
+    data.pop("command", None)
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise IdaaError(f"unknown config key(s) {', '.join(unknown)} in '{path}'")
+    return data
+
+
+def resolve_config(preset: dict[str, Any] | None, overrides: dict[str, Any]) -> PretrainConfig:
+    """Defaults, then the preset, then explicitly given flags (None means 'not given')."""
+    values = dict(preset or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise IdaaError(f"unknown setting(s) {', '.join(unknown)}")
+    return PretrainConfig(**values).validate()
