@@ -1,6 +1,7 @@
 """The training step and `idaa pretrain`: pass structure, gradients, every adversary, run folders, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,9 @@ def test_pretrain_refuses_a_vae_from_another_dataset(tmp_path, tiny_vae, capsys)
     code = main(["pretrain", *TINY, "--adversary", "idaa", "--vae", str(vae_path), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "trained on 'cifar10'" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_resolves(preset):
+    cfg = resolve_config(read_preset(preset), {"out": "somewhere"})
+    assert cfg.method and cfg.epochs >= 1

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
     d.add_argument("--vae-epochs", type=int, default=15)
+    d.add_argument("--epochs", type=int, default=15, help="SimCLR epochs per run")
     _add_common(d)
     return parser
 
@@ -173,7 +174,9 @@ def _vae_train(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from idaa.demo import run_demo
 
-    run_demo(args.out, vae_epochs=args.vae_epochs, device=args.device, seed=args.seed,
+    if args.vae_epochs < 1 or args.epochs < 1:
+        raise IdaaError("--vae-epochs and --epochs must be >= 1")
+    run_demo(args.out, vae_epochs=args.vae_epochs, epochs=args.epochs, device=args.device, seed=args.seed,
              progress=not args.no_progress)
 
 
