@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
-    d.add_argument("--vae-epochs", type=int, default=15)
-    d.add_argument("--epochs", type=int, default=15, help="SimCLR epochs per run")
+    d.add_argument("--vae-epochs", type=int, default=10)
+    d.add_argument("--epochs", type=int, default=10, help="SimCLR epochs per run")
     _add_common(d)
     return parser
 

@@ -22,7 +22,7 @@ PROTOCOL = {"dataset": "digits", "backbone": "resnet18-cifar", "width": 16, "bat
             "knn_k": 50}
 
 
-def run_demo(out: str, vae_epochs: int = 15, epochs: int = 15, device: str = "auto", seed: int = 0,
+def run_demo(out: str, vae_epochs: int = 10, epochs: int = 10, device: str = "auto", seed: int = 0,
              progress: bool = True) -> list[dict]:
     """The whole story in a few minutes; returns the table rows."""
     root = Path(out)
