@@ -137,7 +137,8 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
         save_vae(vae, out / "vae.pt", {**meta, "epochs": epoch})
     bar.close()
     vae.eval()
-    decomposition_grid(vae, eval_views[:16], train.mean, train.std, out / "reconstructions.png")
+    spread = eval_views[:: max(len(eval_views) // 16, 1)][:16]  # held-out sets come sorted by class: stride
+    decomposition_grid(vae, spread, train.mean, train.std, out / "reconstructions.png")
     return result
 
 
