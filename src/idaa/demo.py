@@ -11,10 +11,10 @@ import torch
 from idaa.adversaries import IDAA
 from idaa.data.datasets import load_dataset
 from idaa.data.views import build_view_policy
+from idaa.devices import resolve_device
 from idaa.nets import load_vae
 from idaa.train.config import resolve_config
 from idaa.train.pretrain import pretrain
-from idaa.train.run_dir import resolve_device
 from idaa.train.vae_trainer import VAETrainConfig, train_vae
 
 # A protocol sized for a laptop CPU: ResNet-18 at width 16, batch 128, Adam 1e-3 with cosine decay.

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from idaa.checkpoints import load_method
+from idaa.data.datasets import load_dataset
+from idaa.data.views import build_view_policy
+from idaa.devices import resolve_device
+from idaa.errors import IdaaError
 
 
 @torch.no_grad()
@@ -52,15 +60,6 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
                         limit: int | None = None, k: int = 200, temperature: float = 0.1,
                         features: str = "backbone", metric: str = "cosine", device: str = "auto") -> dict:
     """Offline kNN of a checkpoint: bank = the training images it was trained on (or --dataset), queries = test."""
-    import json
-    from pathlib import Path
-
-    from idaa.checkpoints import load_method
-    from idaa.data.datasets import load_dataset
-    from idaa.data.views import build_view_policy
-    from idaa.errors import IdaaError
-    from idaa.train.run_dir import resolve_device
-
     if k < 1 or not temperature > 0:
         raise IdaaError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     if features not in ("backbone", "projector"):

@@ -18,12 +18,13 @@ from idaa.adversaries import build_adversary
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
+from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.evaluate.knn import extract_features, knn_accuracy
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.train.config import PretrainConfig
-from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, resolve_device, write_config
+from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
 from idaa.train.step import compute_losses
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
@@ -199,6 +200,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
 
 def _check_finite(losses: Any, step: int) -> None:
     """Stop with the step and the term that went bad rather than training on NaNs."""
+    if torch.isfinite(losses.total):  # the common case costs a single host sync
+        return
     for name, value in (("clean loss", losses.clean), ("adversarial loss", losses.adversarial)):
         if value is not None and not torch.isfinite(value):
             raise IdaaError(f"non-finite {name} ({value.item()}) at step {step}; the last good checkpoint is kept")

@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
+from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.imaging import save_grid, stretch, to_unit_range
 from idaa.nets.vae import VAE, save_vae, vae_loss
-from idaa.train.run_dir import MetricsLog, prepare_run_dir, resolve_device, write_config
+from idaa.train.run_dir import MetricsLog, prepare_run_dir, write_config
 
 
 @dataclass
