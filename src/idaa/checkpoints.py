@@ -31,7 +31,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_from_config(config: dict[str, Any], in_channels: int = 3) -> Method:
     """The method (backbone + heads) a run config describes, freshly initialised."""
     backbone = build_backbone(config["backbone"], width=config.get("width"), in_channels=in_channels)
-    return build_method(config["method"], backbone, temperature=config["temperature"],
+    return build_method(config["method"], backbone, temperature=config.get("temperature"),
                         attack_loss=config["attack_loss"], **config.get("method_options", {}))
 
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(c, default=None)
 
     _add_pretrain(sub)
+    from idaa.semi.cli_args import add_semi_parser
+
+    add_semi_parser(sub)
     ev = sub.add_parser("eval", help="evaluate a pretraining checkpoint").add_subparsers(
         dest="eval_command", required=True, parser_class=_Parser)
     k = ev.add_parser("knn", help="weighted kNN accuracy of a checkpoint's features")
@@ -100,6 +103,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run folder")
     for flag, kind, text in _PRETRAIN_FLAGS:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text or None)
+    p.add_argument("--method-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="a method setting, e.g. tau_plus=0.1 or queue_size=4096 (repeatable)")
     p.add_argument("--random-start", action="store_true", default=None, help="PGD random start in the eps-ball")
     p.add_argument("--download", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
@@ -120,7 +125,12 @@ def _pretrain(args: argparse.Namespace) -> None:
         preset = read_preset(Path(args.out) / "config.yaml")
         preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
     names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + ["random_start", "download", "out"]
-    cfg = resolve_config(preset, {name: getattr(args, name) for name in names})
+    overrides = {name: getattr(args, name) for name in names}
+    if args.method_option:
+        options = dict((preset or {}).get("method_options") or {})
+        options.update(_parse_options(args.method_option))
+        overrides["method_options"] = options
+    cfg = resolve_config(preset, overrides)
     result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if not result:
         print(f"pretrain: nothing to do, {cfg.out} has already trained {cfg.epochs} epochs")
@@ -128,6 +138,22 @@ def _pretrain(args: argparse.Namespace) -> None:
     knn = f"  kNN top-1 {result['knn_top1']:.2f}%" if "knn_top1" in result else ""
     print(f"pretrain: epoch {result.get('epoch')}  step {result.get('step')}  loss {result.get('loss', 0):.4f}"
           f"{knn}  -> {cfg.out}")
+
+
+def _parse_options(items: list[str]) -> dict[str, object]:
+    """KEY=VALUE strings -> a dict, values read as YAML scalars (0.1 -> float, 4096 -> int, true -> bool)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise IdaaError(f"--method-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise IdaaError(f"--method-option {item!r}: cannot read the value") from None
+    return options
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -180,10 +206,16 @@ def _demo(args: argparse.Namespace) -> None:
              progress=not args.no_progress)
 
 
+def _semi(args: argparse.Namespace) -> None:
+    from idaa.semi.cli_args import run_semi
+
+    run_semi(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo}
+    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo, "semi": _semi}
     try:
         handlers[args.command](args)
     except IdaaError as exc:

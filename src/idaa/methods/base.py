@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from idaa.adversaries.base import LossFn
+from idaa.errors import IdaaError
 from idaa.nets.resnet import Backbone
 
 State = dict[str, Any]
@@ -19,7 +21,8 @@ class Method(nn.Module, ABC):
 
     `clean_loss(v1, v2)` returns the method's loss on two views plus a state (e.g. the clean embeddings) that
     `attack_loss(state)` and `adversarial_loss(state, x_adv)` reuse, so no clean forward is ever recomputed.
-    Adversarial inputs always go through the backbone's adversarial BN.
+    Adversarial inputs always go through the backbone's adversarial BN. `after_step(progress)` runs after each
+    optimiser step (momentum encoders, queues), with progress in [0, 1] over the whole run.
     """
 
     name: str = "method"
@@ -41,8 +44,11 @@ class Method(nn.Module, ABC):
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         """L(v1, x'): the method's loss between the clean view and the adversarial view."""
 
+    def after_step(self, progress: float) -> None:
+        """Hook after each optimiser step; methods with momentum encoders or queues update them here."""
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Parameters for the optimiser (methods with frozen targets override this)."""
+        """Parameters for the optimiser: everything trainable (momentum targets are frozen copies)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     @torch.no_grad()
@@ -54,3 +60,39 @@ class Method(nn.Module, ABC):
         if features == "projector" and hasattr(self, "projector"):
             return self.projector(h)
         raise ValueError(f"unknown feature source {features!r} for {self.name}; use backbone or projector")
+
+
+def check_attack_mode(mode: str, allowed: tuple[str, ...], method: str) -> str:
+    if mode not in allowed:
+        raise IdaaError(f"--attack-loss {mode!r} is not available for {method}; choose from {', '.join(allowed)}")
+    return mode
+
+
+def check_positive(name: str, value: float, method: str) -> float:
+    if not isinstance(value, int | float) or not value > 0:
+        raise IdaaError(f"{method} option {name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A parameter-frozen deep copy: the starting point of a momentum (EMA) encoder."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- tau * target + (1 - tau) * online for parameters; buffers (BN statistics) are copied."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o.detach(), 1 - tau)
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        t.copy_(o)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule: tau rises from `base` to 1 along a half cosine over training."""
+    import math
+
+    return 1 - (1 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1) / 2

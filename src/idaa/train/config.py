@@ -36,7 +36,7 @@ class PretrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     warmup_epochs: int = 0
-    temperature: float = 0.5
+    temperature: float | None = None
     attack_loss: str = "anchored"
     method_options: dict[str, Any] = field(default_factory=dict)
     policy: str | None = None
@@ -59,6 +59,12 @@ class PretrainConfig:
         """One-line errors for impossible values, before anything is read or written."""
         if not self.out:
             raise IdaaError("--out is required: the run folder to create")
+        from idaa.methods import METHODS
+
+        if self.method not in METHODS:
+            raise IdaaError(f"unknown method {self.method!r}; choose from {', '.join(sorted(METHODS))}")
+        if not isinstance(self.method_options, dict):
+            raise IdaaError(f"method_options must be a mapping of option: value, got {self.method_options!r}")
         if self.adversary not in ADVERSARIES:
             raise IdaaError(f"unknown adversary {self.adversary!r}; choose from {', '.join(ADVERSARIES)}")
         positive_ints = ("epochs", "batch_size", "attack_steps", "knn_k")
@@ -74,6 +80,8 @@ class PretrainConfig:
                 raise IdaaError(f"{_flag(key)} must be an integer >= 0, got {getattr(self, key)!r}")
         for key, low in (("lr", 0.0), ("temperature", 0.0), ("knn_temperature", 0.0)):
             value = getattr(self, key)
+            if key == "temperature" and value is None:  # the method's own default
+                continue
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= low:
                 raise IdaaError(f"{_flag(key)} must be a finite number > 0, got {value!r}")
         for key in ("weight_decay", "alpha", "momentum", "eps"):

@@ -164,6 +164,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
             optimizer.step()
             scheduler.step()
             step, seen = step + 1, seen + 1
+            method.after_step(step / (steps_per_epoch * cfg.epochs))
             adv = losses.adversarial.detach() if losses.adversarial is not None else torch.zeros((), device=device)
             sums += torch.stack([losses.total.detach(), losses.clean.detach(), adv]).float()
             bar.update()
