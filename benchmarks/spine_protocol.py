@@ -1,6 +1,7 @@
-"""The spine issue's CPU protocol: SimCLR with none / random-view / clae / idaa, same seed and epochs.
+"""The spine issue's CPU protocol: a method with none / random-view / clae / idaa, same seed and epochs.
 
     python benchmarks/spine_protocol.py --data-dir .cache/data/cifar10_jpg --vae runs/vae-cifar10-10k/vae.pt
+    python benchmarks/spine_protocol.py ... --method simsiam --adversaries none,idaa   # -> runs/protocol-simsiam
 
 Runs `idaa pretrain --config configs/cpu-protocol-cifar10.yaml` once per adversary (sequentially; a finished
 run is reused, so the script can be re-run after an interruption) and prints a markdown table of the final
@@ -31,18 +32,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--vae", required=True)
-    parser.add_argument("--out", default="runs/protocol")
+    parser.add_argument("--out", default=None, help="default runs/protocol (simclr) or runs/protocol-METHOD")
+    parser.add_argument("--method", default="simclr", help="any registered method; the protocol is unchanged")
     parser.add_argument("--config", default=str(ROOT / "configs" / "cpu-protocol-cifar10.yaml"))
     parser.add_argument("--adversaries", default="none,random-view,clae,idaa")
     parser.add_argument("--idaa-eps", type=float, default=0.1, help="latent eps for idaa (the orientation used 0.1)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    args.out = args.out or ("runs/protocol" if args.method == "simclr" else f"runs/protocol-{args.method}")
 
     rows = []
     for adversary in args.adversaries.split(","):
         run = Path(args.out) / adversary
-        command = [sys.executable, "-m", "idaa", "pretrain", "--config", args.config, "--adversary", adversary,
+        command = [sys.executable, "-m", "idaa", "pretrain", "--config", args.config, "--method", args.method,
+                   "--adversary", adversary,
                    "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--seed", str(args.seed),
                    "--out", str(run), "--no-progress"]
         if adversary in ("idaa", "idaa-nodecomp", "latent-noise"):
@@ -57,7 +61,7 @@ def main() -> None:
         rows.append({"adversary": adversary, "knn_top1": record["knn_top1"], "seconds": record["time"]})
 
     base = next((r["seconds"] for r in rows if r["adversary"] == "none"), None)
-    print("\n| SimCLR + | kNN top-1 (%) | wall time (s) | time vs none |\n| --- | ---: | ---: | ---: |")
+    print(f"\n| {args.method} + | kNN top-1 (%) | wall time (s) | time vs none |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
         print(f"| {r['adversary']} | {r['knn_top1']:.2f} | {r['seconds']:.0f} | {ratio} |")

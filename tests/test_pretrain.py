@@ -121,7 +121,24 @@ def test_pretrain_refuses_a_vae_from_another_dataset(tmp_path, tiny_vae, capsys)
     assert code == 2 and "trained on 'cifar10'" in err and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+PRESETS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if not p.name.startswith("semi-"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_resolves(preset):
     cfg = resolve_config(read_preset(preset), {"out": "somewhere"})
     assert cfg.method and cfg.epochs >= 1
+    # the method and its options are valid (on a tiny backbone, so the check stays fast)
+    build_method(cfg.method, build_backbone("resnet18-cifar", width=4), temperature=cfg.temperature,
+                 attack_loss=cfg.attack_loss, **cfg.method_options)
+    if preset.parent.name == "paper":  # paper presets name the VAE they were made with
+        assert (cfg.adversary in ("idaa", "idaa-nodecomp", "latent-noise")) == (cfg.vae is not None)
+
+
+def test_paper_presets_match_their_generator():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "make_presets.py"
+    assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
+    assert len([p for p in PRESETS if p.parent.name == "paper"]) == 66

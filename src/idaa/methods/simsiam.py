@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from idaa.adversaries.base import LossFn
+from idaa.errors import IdaaError
 from idaa.losses import negative_cosine
 from idaa.methods.base import Method, State, check_attack_mode
 from idaa.nets.heads import MLPHead
@@ -12,7 +13,7 @@ from idaa.nets.resnet import Backbone
 
 
 class SimSiam(Method):
-    """Projector (2 layers, BN on the output as for CIFAR) and a bottleneck predictor; no negatives.
+    """Projector (2 layers for CIFAR, 3 for ImageNet, BN on the output) and a bottleneck predictor; no negatives.
 
     Attack (SPEC 1): maximise D(p(x~), stopgrad z(v1)), the negative cosine between the prediction for x~ and
     the clean view's projection, which the clean pass already computed.
@@ -22,10 +23,13 @@ class SimSiam(Method):
     view_policy = "simsiam"
 
     def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
-                 proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512) -> None:
+                 proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512, proj_layers: int = 2) -> None:
         super().__init__(backbone)
         check_attack_mode(attack_loss, ("anchored",), self.name)
-        self.projector = MLPHead([backbone.out_dim, proj_hidden, proj_dim], last_bn=True)
+        if proj_layers not in (2, 3):
+            raise IdaaError(f"simsiam option proj_layers must be 2 (CIFAR) or 3 (ImageNet), got {proj_layers!r}")
+        dims = [backbone.out_dim] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
+        self.projector = MLPHead(dims, last_bn=True)
         self.predictor = MLPHead([proj_dim, pred_hidden, proj_dim])
 
     def _zp(self, x: torch.Tensor, adv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
