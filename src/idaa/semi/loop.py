@@ -212,11 +212,12 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
         record, seconds = _train_interval(cfg, run, ema, optimizer, scheduler, streams, step, chunk, bar)
         step, elapsed = step + chunk, elapsed + seconds
         record.update(_evaluate(run, ema), step=step, time=elapsed)
-        MetricsLog(out / "metrics.jsonl").write(record)
         state = {"model": run.model.state_dict(), "ema": ema.model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "streams": {k: s.state_dict() for k, s in streams.items()}, "step": step, "elapsed": elapsed}
         atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
+        # after the checkpoint: a run killed in between loses a line rather than logging a step twice on resume
+        MetricsLog(out / "metrics.jsonl").write(record)
         if "test_top1" in record:
             bar.set_postfix(loss=f"{record['loss']:.3f}", ema_top1=f"{record['test_top1']:.2f}")
     bar.close()
