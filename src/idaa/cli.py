@@ -92,8 +92,11 @@ _PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("eps", float, "adversary budget (IDAA 0.15 latent, CLAE 0.03 pixels)"), ("attack-steps", int, "1 = FGSM"),
     ("attack-step-size", float, ""), ("attack-norm", str, "linf or l2"), ("alpha", float, "weight of L(v1, x')"),
     ("knn-every", int, "online kNN every N epochs (0 = off)"), ("knn-k", int, ""), ("knn-temperature", float, ""),
-    ("checkpoint-every", int, "keep epochNNNN.ckpt every N epochs"), ("max-steps", int, "stop after N steps"),
-    ("seed", int, ""), ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32 or bf16"),
+    ("checkpoint-every", int, "keep epochNNNN.ckpt every N epochs"),
+    ("checkpoint-steps", int, "also refresh last.ckpt every N steps (0 = at epoch ends only)"),
+    ("skip-nonfinite", int, "skip up to K steps whose loss or gradient is NaN/inf (default 0: stop at the first)"),
+    ("max-steps", int, "stop after N steps"),
+    ("seed", int, ""), ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32, bf16 or fp16 (autocast)"),
 ]
 
 
@@ -221,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IdaaError as exc:
         print(f"idaa: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from idaa.train.pretrain import TrainingStopped
+
+        if not isinstance(exc, TrainingStopped):
+            raise
+        print(f"idaa: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("idaa: interrupted", file=sys.stderr)
         return 130

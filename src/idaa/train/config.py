@@ -50,6 +50,8 @@ class PretrainConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     checkpoint_every: int = 0
+    checkpoint_steps: int = 0
+    skip_nonfinite: int = 0
     max_steps: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -75,7 +77,7 @@ class PretrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {value!r}")
-        for key in ("knn_every", "checkpoint_every", "warmup_epochs"):
+        for key in ("knn_every", "checkpoint_every", "checkpoint_steps", "skip_nonfinite", "warmup_epochs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise IdaaError(f"{_flag(key)} must be an integer >= 0, got {getattr(self, key)!r}")
         for key, low in (("lr", 0.0), ("temperature", 0.0), ("knn_temperature", 0.0)):
@@ -89,7 +91,7 @@ class PretrainConfig:
             if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
                 raise IdaaError(f"{_flag(key)} must be a finite number >= 0, got {value!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
-                   "precision": ("fp32", "bf16"), "attack_norm": ("linf", "l2"),
+                   "precision": ("fp32", "bf16", "fp16"), "attack_norm": ("linf", "l2"),
                    "attack_loss": ("anchored", "symmetric")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

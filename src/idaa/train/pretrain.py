@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +29,7 @@ from idaa.evaluate.knn import extract_features, knn_accuracy
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.train.config import PretrainConfig
-from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
+from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
 from idaa.train.step import compute_losses
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
@@ -102,110 +107,241 @@ def _load_data(cfg: PretrainConfig) -> tuple[ImageDataset, ImageDataset | None]:
     return train, test if labelled else None
 
 
+class TrainingStopped(Exception):
+    """A signal stopped the run after a completed step; the checkpoint to resume from has been written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; saved {checkpoint}; continue with --resume")
+        self.signum = signum
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\nidaa: {signal.Signals(signum).name} received: finishing this step and saving "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
              progress: bool = True) -> dict[str, Any]:
-    """Train `cfg.method` with `cfg.adversary`; returns the last epoch's metrics record."""
+    """Train `cfg.method` with `cfg.adversary`; returns the last metrics record ({} if nothing was left to do).
+
+    `last.ckpt` (written atomically) holds everything a resumed run needs to continue bit-exactly, including
+    the position inside an interrupted epoch. Raises TrainingStopped after a SIGTERM/SIGINT-triggered save.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     last_path = Path(cfg.out) / "last.ckpt"
     if resume and not last_path.is_file():
         raise IdaaError(f"cannot resume: '{last_path}' does not exist")
+    blob = read_checkpoint(last_path, map_location=device) if resume else None
     train, test = _load_data(cfg)
     _seed_everything(cfg.seed)
     method = build_from_config(dataclasses.asdict(cfg), train.channels).to(device)
     views = build_view_policy(cfg.policy or method.view_policy, train.image_size, train.mean, train.std).to(device)
-    vae = None
+    vae, vae_ref = None, None
     if cfg.adversary in VAE_ADVERSARIES:
         if cfg.vae is None:
             raise IdaaError(f"adversary '{cfg.adversary}' needs --vae VAE.pt (make one with 'idaa vae train')")
         vae = load_vae(cfg.vae, map_location=device)
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
+        vae_ref = {"path": str(cfg.vae), "sha256": _file_sha256(cfg.vae)}
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps,
                                 step_size=cfg.attack_step_size, norm=cfg.attack_norm,
                                 random_start=cfg.random_start, view_fn=views)
     steps_per_epoch = len(train) // cfg.batch_size
     optimizer, scheduler = build_optimizer(cfg, method, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     knn = KNNMonitor(train, test, cfg, device) if test is not None and cfg.knn_every else None
 
-    start_epoch, step = 1, 0
-    if resume:
-        blob = read_checkpoint(last_path, map_location=device)
-        method.load_state_dict(blob["method"])
-        optimizer.load_state_dict(blob["optimizer"])
+    start_epoch, step, position = 1, 0, None
+    if blob is not None:
+        saved_vae = blob.get("vae")
+        if saved_vae and vae_ref and saved_vae["sha256"] != vae_ref["sha256"]:
+            raise IdaaError(f"cannot resume: the VAE '{cfg.vae}' differs from the one this run started with "
+                            f"({saved_vae['path']}, sha256 {saved_vae['sha256'][:12]})")
+        try:
+            method.load_state_dict(blob["method"])
+            optimizer.load_state_dict(blob["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise IdaaError(f"cannot resume: '{last_path}' does not match this configuration "
+                            f"({str(exc).splitlines()[0][:120]})") from None
         scheduler.load_state_dict(blob["scheduler"])
-        start_epoch, step = blob["epoch"] + 1, blob["step"]
+        if "scaler" in blob:
+            scaler.load_state_dict(blob["scaler"])
+        step, position = blob["step"], blob.get("position")
+        start_epoch = position["epoch"] if position else blob["epoch"] + 1
         _set_rng_state(blob["rng"])
     out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
+    remove_stale_temporaries(out)
     write_config(out / "config.yaml", {"command": "pretrain", **dataclasses.asdict(cfg)})
     log, writer = MetricsLog(out / "metrics.jsonl"), _tensorboard(out)
+    if resume:
+        log.truncate_after(step)
     data_meta = {"name": train.name, "image_size": train.image_size, "channels": train.channels,
                  "mean": list(train.mean), "std": list(train.std), "num_classes": len(train.classes)}
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def save(path: Path, epoch_done: int, rng: dict[str, Any], where: dict[str, Any] | None) -> None:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
+                           "vae": vae_ref, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                           "epoch": epoch_done, "step": step, "position": where, "rng": rng}, path)
 
     images = train.images.to(device)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total_steps = steps_per_epoch * cfg.epochs
+    total = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
     bar = tqdm(total=total, initial=min(step, total), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
                disable=not progress, dynamic_ncols=True)
-    start, record = time.perf_counter(), {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        method.train()
-        order = torch.randperm(len(train), device=device)
-        sums, seen, epoch_start = torch.zeros(3, device=device), 0, time.perf_counter()
-        for i in range(steps_per_epoch):
-            batch = images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-            v1, v2 = views(batch), views(batch)
-            with autocast:
-                losses = compute_losses(method, adversary, v1, v2, source=batch, alpha=cfg.alpha)
-            _check_finite(losses, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            optimizer.step()
-            scheduler.step()
-            step, seen = step + 1, seen + 1
-            method.after_step(step / (steps_per_epoch * cfg.epochs))
-            adv = losses.adversarial.detach() if losses.adversarial is not None else torch.zeros((), device=device)
-            sums += torch.stack([losses.total.detach(), losses.clean.detach(), adv]).float()
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{losses.total.item():.3f}")
+    start, record, skipped = time.perf_counter(), {}, 0
+    with GracefulStop() as stopper:
+        for epoch in range(start_epoch, cfg.epochs + 1):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-        seconds = time.perf_counter() - epoch_start
-        loss, clean, adv_loss = (sums / max(seen, 1)).tolist()
-        record = {"epoch": epoch, "step": step, "loss": loss, "clean_loss": clean,
-                  "adversarial_loss": adv_loss if adversary is not None else None,
-                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen * cfg.batch_size / seconds,
-                  "epoch_time": seconds, "time": time.perf_counter() - start}
-        finished = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if knn is not None and (epoch % cfg.knn_every == 0 or finished):
-            record["knn_top1"] = knn(method)
-            bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
-        log.write(record)
-        if writer is not None:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    writer.add_scalar(key, value, step)
-        blob = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "rng": _rng_state()}
-        atomic_torch_save(blob, out / "last.ckpt")
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-            atomic_torch_save(blob, out / f"epoch{epoch:04d}.ckpt")
+            method.train()
+            if position is not None and position["epoch"] == epoch:  # continue inside an interrupted epoch
+                order, first = position["order"].to(device), position["batch"]
+                sums, seen, prior = position["sums"].to(device), position["seen"], position["seconds"]
+            else:
+                order, first = torch.randperm(len(train), device=device), 0
+                sums, seen, prior = torch.zeros(3, device=device), 0, 0.0
+            position, done, stop = None, first, None
+            epoch_start = time.perf_counter()
+            for i in range(first, steps_per_epoch):
+                batch = images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                v1, v2 = views(batch), views(batch)
+                # a skipped step must not leave NaN in BN statistics either: keep the buffers to put back
+                buffers = [b.clone() for b in method.buffers()] if cfg.skip_nonfinite > skipped else None
+                with autocast:
+                    losses = compute_losses(method, adversary, v1, v2, source=batch, alpha=cfg.alpha)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses.total).backward()
+                problem = _nonfinite(losses, params, check_grads=not scaler.is_enabled())
+                step, done = step + 1, i + 1
+                if problem is None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    method.after_step(step / total_steps)
+                    adv = losses.adversarial.detach() if losses.adversarial is not None else sums.new_zeros(())
+                    sums += torch.stack([losses.total.detach(), losses.clean.detach(), adv]).float()
+                    seen += 1
+                elif buffers is not None:
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for buffer, kept in zip(method.buffers(), buffers, strict=True):
+                            buffer.copy_(kept)
+                    bar.write(f"step {step}: non-finite {problem}; update skipped ({skipped}/{cfg.skip_nonfinite})")
+                else:
+                    kept = f"the last good checkpoint '{last_path}' is kept" if last_path.is_file() else \
+                        "no checkpoint was written"
+                    raise IdaaError(f"non-finite {problem} at step {step} (epoch {epoch}); {kept}; "
+                                    f"--skip-nonfinite K tolerates up to K such steps")
+                scheduler.step()
+                bar.update()
+                if step % 10 == 0:
+                    bar.set_postfix(epoch=epoch, loss=f"{losses.total.item():.3f}")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    stop = "max_steps"
+                elif stopper.signum is not None:
+                    stop = "signal"
+                if stop:
+                    break
+                if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and done < steps_per_epoch:
+                    seconds = prior + time.perf_counter() - epoch_start
+                    save(last_path, epoch - 1, _rng_state(), _where(epoch, done, order, sums, seen, seconds))
+            rng = _rng_state()  # before any evaluation, so a resumed run draws what this one would have
+            seconds = prior + time.perf_counter() - epoch_start
+            complete = done == steps_per_epoch
+            where = None if complete else _where(epoch, done, order, sums, seen, seconds)
+            if stop == "signal":
+                save(last_path, epoch - (not complete), rng, where)
+                raise TrainingStopped(stopper.signum, step, last_path)
+            loss, clean, adv_loss = (sums / max(seen, 1)).tolist()
+            record = {"epoch": epoch, "step": step, "loss": loss, "clean_loss": clean,
+                      "adversarial_loss": adv_loss if adversary is not None else None,
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": (done - first) * cfg.batch_size
+                      / max(time.perf_counter() - epoch_start, 1e-9), "epoch_time": seconds,
+                      "time": time.perf_counter() - start}
+            if not complete:
+                record["partial"] = True
+            if skipped:
+                record["skipped_steps"] = skipped
+            finished = epoch == cfg.epochs or stop is not None
+            if knn is not None and (epoch % cfg.knn_every == 0 or finished):
+                record["knn_top1"] = knn(method)
+                bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
+            log.write(record)
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, float):
+                        writer.add_scalar(key, value, step)
+            save(last_path, epoch - (not complete), rng, where)
+            if complete and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                save(out / f"epoch{epoch:04d}.ckpt", epoch, rng, None)
+            if stop:
+                break
     bar.close()
     if writer is not None:
         writer.close()
     return record
 
 
-def _check_finite(losses: Any, step: int) -> None:
-    """Stop with the step and the term that went bad rather than training on NaNs."""
-    if torch.isfinite(losses.total):  # the common case costs a single host sync
-        return
-    for name, value in (("clean loss", losses.clean), ("adversarial loss", losses.adversarial)):
-        if value is not None and not torch.isfinite(value):
-            raise IdaaError(f"non-finite {name} ({value.item()}) at step {step}; the last good checkpoint is kept")
+def _where(epoch: int, batch: int, order: torch.Tensor, sums: torch.Tensor, seen: int,
+           seconds: float) -> dict[str, Any]:
+    """The position inside an interrupted epoch: its shuffle, the next batch and the running loss sums."""
+    return {"epoch": epoch, "batch": batch, "order": order.cpu(), "sums": sums.cpu(), "seen": seen,
+            "seconds": seconds}
+
+
+def _nonfinite(losses: Any, params: list[torch.Tensor], check_grads: bool = True) -> str | None:
+    """None when the step is finite (one host sync), else the term that went bad: attack, losses or gradient."""
+    flags = [torch.isfinite(losses.clean)]
+    flags.append(torch.isfinite(losses.adversarial) if losses.adversarial is not None else flags[0])
+    flags.append(torch.isfinite(losses.x_adv).all() if losses.x_adv is not None else flags[0])
+    grads = [p.grad for p in params if p.grad is not None]
+    if check_grads and grads:
+        flags.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    flags = torch.stack(flags)
+    if bool(flags.all()):
+        return None
+    clean_ok, adversarial_ok, attack_ok, *grad_ok = flags.tolist()
+    if not attack_ok:
+        return "attack output (the adversarial view x')"
+    if not clean_ok:
+        return f"clean loss ({losses.clean.item()})"
+    if not adversarial_ok:
+        return f"adversarial loss ({losses.adversarial.item()})"
+    return "gradient"
 
 
 def _tensorboard(out: Path) -> Any:

@@ -47,6 +47,27 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete half-written temporaries a killed process left behind (`.last.ckpt.xyz`); finished files stay."""
+    for tmp in folder.glob(".*.ckpt.*"):
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -66,6 +87,22 @@ class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than `step` (logged after the checkpoint a resumed run restarts from)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _record_step(line) <= step]
+        text = "".join(line + "\n" for line in keep).encode()
+        atomic_write_bytes(self.path, lambda handle: handle.write(text))
+
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # an unreadable line (a torn write) is dropped

@@ -15,6 +15,7 @@ class StepLosses:
     total: torch.Tensor
     clean: torch.Tensor
     adversarial: torch.Tensor | None
+    x_adv: torch.Tensor | None = None  # the adversarial view, kept for the finiteness check
 
 
 def compute_losses(method: Method, adversary: Adversary | None, v1: torch.Tensor, v2: torch.Tensor,
@@ -28,4 +29,4 @@ def compute_losses(method: Method, adversary: Adversary | None, v1: torch.Tensor
         return StepLosses(clean, clean, None)
     x_adv = adversary.perturb(v1, method.attack_loss(state), source=source)
     adversarial = method.adversarial_loss(state, x_adv)
-    return StepLosses(clean + alpha * adversarial, clean, adversarial)
+    return StepLosses(clean + alpha * adversarial, clean, adversarial, x_adv)
