@@ -1,10 +1,10 @@
-"""Write configs/paper/*.yaml: one `idaa pretrain --config` preset per row of the paper's Tables 1, 2, 3, 10 and 12.
+"""Write configs/paper/*.yaml: a preset per row of the paper's Tables 1, 2, 3, 6, 10 and 12.
 
     python scripts/make_presets.py          # (re)write the presets
     python scripts/make_presets.py --check  # exit 1 if configs/paper differs from what this script writes
 
 The recipes follow SPEC section 2 (each method's reference recipe) and the paper's appendix C.1; Table 6
-(FixMatch) presets live beside them as semi-*.yaml for `idaa semi --config`. A test keeps the files in sync.
+(FixMatch) presets live beside them as semi-table6-*.yaml for `idaa semi --config`. A test keeps them in sync.
 """
 
 from __future__ import annotations
@@ -105,6 +105,27 @@ def rows() -> list[tuple[str, dict, str]]:
     return out
 
 
+def semi_rows() -> list[tuple[str, dict, str]]:
+    """Table 6: FixMatch on CIFAR-100 with 400/2500/10000 labels, WRN-28-8, none/CLAE/IDAA (`idaa semi --config`)."""
+    out = []
+    for labels in (400, 2500, 10000):
+        for adversary in ("none", "clae", "idaa"):
+            cfg: dict = {"method": "fixmatch", "labels": labels, "adversary": adversary, "dataset": "cifar100",
+                         "backbone": "wrn28-8", "steps": 2 ** 20, "batch_size": 64, "mu": 7, "threshold": 0.95,
+                         "lambda_u": 1.0, "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-3, "ema_decay": 0.999}
+            if adversary != "none":
+                cfg["eps"] = EPS[adversary]
+            if adversary == "idaa":
+                cfg["vae"] = DATA["cifar100"][1]
+            header = [f"Paper Table 6: FixMatch + {adversary} on CIFAR-100 with {labels} labels, WRN-28-8, 2^20 steps.",
+                      "Run with: idaa semi --config THIS_FILE --data-dir DATA --out RUN"]
+            if adversary == "idaa":
+                header.append(f"Needs the VAE made by: {vae_command(cfg['vae'], {'dataset': 'cifar100'})}")
+            out.append((f"semi-table6-fixmatch-cifar100-{labels}-{adversary}", cfg,
+                        "\n".join(f"# {line}" for line in header)))
+    return out
+
+
 def render(cfg: dict, header: str) -> str:
     return header + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
@@ -113,15 +134,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    wanted = {f"{name}.yaml": render(cfg, header) for name, cfg, header in rows()}
+    wanted = {f"{name}.yaml": render(cfg, header) for name, cfg, header in rows() + semi_rows()}
     if args.check:
-        have = {p.name: p.read_text() for p in OUT.glob("table*.yaml")}
+        have = {p.name: p.read_text() for p in OUT.glob("*.yaml")}
         if have != wanted:
             print(f"configs/paper is out of date: run python {Path(__file__).name}", file=sys.stderr)
             return 1
         return 0
     OUT.mkdir(parents=True, exist_ok=True)
-    for stale in OUT.glob("table*.yaml"):
+    for stale in OUT.glob("*.yaml"):
         stale.unlink()
     for name, text in wanted.items():
         (OUT / name).write_text(text)

@@ -11,6 +11,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds overhead, and oversubscribes shared 2-core machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_vae() -> VAE:
     """A small randomly-initialised 32 px VAE with BN statistics warmed up on noise, then frozen."""

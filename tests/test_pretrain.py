@@ -142,3 +142,14 @@ def test_paper_presets_match_their_generator():
     script = Path(__file__).parents[1] / "scripts" / "make_presets.py"
     assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
     assert len([p for p in PRESETS if p.parent.name == "paper"]) == 66
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").rglob("semi-*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_semi_preset_resolves(preset):
+    from idaa.cli import build_parser
+    from idaa.semi.cli_args import resolve_semi_config
+
+    args = build_parser().parse_args(["semi", "--config", str(preset), "--out", "somewhere"])
+    cfg = resolve_semi_config(args)
+    assert cfg.method == "fixmatch" and cfg.labels in (400, 2500, 10000) and cfg.backbone == "wrn28-8"

@@ -39,6 +39,7 @@ def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     """Register `idaa semi` on the top-level subcommand parser."""
     p = subparsers.add_parser("semi", help="semi-supervised FixMatch with an adversarial strong branch, or the "
                               "supervised baseline on the same labelled split")
+    p.add_argument("--config", default=None, help="YAML preset (configs/paper/semi-*.yaml); flags override it")
     p.add_argument("--out", default=None, help="run folder to create")
     for flag, kind, text in _FLAGS:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
@@ -60,7 +61,14 @@ def resolve_semi_config(args: argparse.Namespace) -> SemiConfig:
 
     given = _given(args)
     if not args.resume:
-        return SemiConfig(**given).validate()
+        preset = {}
+        if getattr(args, "config", None):
+            import dataclasses
+
+            from idaa.train.config import read_preset
+
+            preset = read_preset(args.config, {f.name for f in dataclasses.fields(SemiConfig)})
+        return SemiConfig(**{**preset, **given}).validate()
     if "out" not in given:
         raise IdaaError("--resume needs --out: the run folder to continue")
     saved = read_semi_checkpoint(Path(given["out"]) / "last.ckpt")["config"]

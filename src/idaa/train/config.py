@@ -106,8 +106,8 @@ def _flag(key: str) -> str:
 FIELDS = {f.name for f in dataclasses.fields(PretrainConfig)}
 
 
-def read_preset(path: str | Path) -> dict[str, Any]:
-    """A preset's settings; unknown keys and malformed YAML are one-line errors."""
+def read_preset(path: str | Path, fields: set[str] | None = None) -> dict[str, Any]:
+    """A preset's settings; unknown keys (not in `fields`, default: pretraining's) and bad YAML are one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise IdaaError(f"config file '{path}' does not exist")
@@ -120,7 +120,7 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise IdaaError(f"config file '{path}' must hold a mapping of settings, got {type(data).__name__}")
     data.pop("command", None)
-    unknown = sorted(set(data) - FIELDS)
+    unknown = sorted(set(data) - (FIELDS if fields is None else fields))
     if unknown:
         raise IdaaError(f"unknown config key(s) {', '.join(unknown)} in '{path}'")
     return data
