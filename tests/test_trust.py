@@ -188,3 +188,26 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     torch.save(blob_epoch1, run / "last.ckpt")
     pretrain_module.MetricsLog(run / "metrics.jsonl").truncate_after(4)
     assert [r["step"] for r in records(run)] == [4]
+
+
+DOUBLE_SIGNAL = """
+import os, signal, time
+from idaa.train.pretrain import GracefulStop
+with GracefulStop() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    assert stop.signum == signal.SIGTERM
+    print("first signal noted, still running", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+print("not reached")
+"""
+
+
+def test_a_second_signal_exits_at_once():
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", DOUBLE_SIGNAL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "first signal noted" in proc.stdout and "not reached" not in proc.stdout
+    assert "send it again to exit at once" in proc.stderr
+    assert time.time() - start < 25, "the second signal must not wait for the sleep"
