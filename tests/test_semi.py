@@ -288,3 +288,32 @@ def test_existing_run_folder_is_refused_and_left_untouched(tmp_path, capsys):
     code, _, err = run(["semi", *TINY, "--labels", "20", "--steps", "2", "--out", str(out)], capsys)
     assert code == 2 and "already exists" in err and err.count("\n") == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_sigterm_saves_and_resume_finishes_the_same_run(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import idaa.semi.loop as loop
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = [*TINY, "--labels", "20", "--steps", "6", "--eval-every", "4"]
+    assert run(["semi", *common, "--out", str(straight)], capsys)[0] == 0
+    real, calls = loop.fixmatch_losses, []
+
+    def signal_during_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fixmatch_losses", signal_during_step_3)
+    code, _, err = run(["semi", *common, "--out", str(stopped)], capsys)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after step 3" in err
+    assert torch.load(stopped / "last.ckpt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(loop, "fixmatch_losses", real)
+    assert run(["semi", "--resume", "--out", str(stopped), "--no-progress"], capsys)[0] == 0
+    a, b = (torch.load(p / "last.ckpt", weights_only=False) for p in (straight, stopped))
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -24,6 +24,7 @@ from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
+from idaa.train.pretrain import GracefulStop, TrainingStopped
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
 
 CHECKPOINT_KIND = "idaa-semi"
@@ -207,21 +208,34 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
     bar = tqdm(total=stop, initial=min(step, stop), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
                disable=not progress, dynamic_ncols=True)
     record: dict[str, Any] = {}
-    while step < stop:
-        chunk = min(cfg.eval_every - step % cfg.eval_every, stop - step)
-        record, seconds = _train_interval(cfg, run, ema, optimizer, scheduler, streams, step, chunk, bar)
-        step, elapsed = step + chunk, elapsed + seconds
-        record.update(_evaluate(run, ema), step=step, time=elapsed)
-        state = {"model": run.model.state_dict(), "ema": ema.model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "streams": {k: s.state_dict() for k, s in streams.items()}, "step": step, "elapsed": elapsed}
-        atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
-        # after the checkpoint: a run killed in between loses a line rather than logging a step twice on resume
-        MetricsLog(out / "metrics.jsonl").write(record)
-        if "test_top1" in record:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ema_top1=f"{record['test_top1']:.2f}")
+    with GracefulStop() as stopper:
+        while step < stop:
+            chunk = min(cfg.eval_every - step % cfg.eval_every, stop - step)
+            record, seconds, done = _train_interval(cfg, run, ema, optimizer, scheduler, streams, step, chunk, bar,
+                                                    stopper)
+            step, elapsed = step + done, elapsed + seconds
+            state = {"model": run.model.state_dict(), "ema": ema.model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "streams": {k: s.state_dict() for k, s in streams.items()}, "step": step, "elapsed": elapsed}
+            if done < chunk:  # a signal: save where we are (the interval's statistics restart on resume)
+                atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
+                bar.close()
+                raise TrainingStopped(stopper.signum, step, out / "last.ckpt")
+            _log_interval(cfg, run, ema, record, state, out, bar)
     bar.close()
     return record
+
+
+def _log_interval(cfg: SemiConfig, run: _Run, ema: EMA, record: dict[str, Any], state: dict[str, Any], out: Path,
+                  bar: Any) -> None:
+    """Evaluate the EMA model, write last.ckpt, then the metrics line."""
+    step, elapsed = state["step"], state["elapsed"]
+    record.update(_evaluate(run, ema), step=step, time=elapsed)
+    atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
+    # after the checkpoint: a run killed in between loses a line rather than logging a step twice on resume
+    MetricsLog(out / "metrics.jsonl").write(record)
+    if "test_top1" in record:
+        bar.set_postfix(loss=f"{record['loss']:.3f}", ema_top1=f"{record['test_top1']:.2f}")
 
 
 def _checkpoint(cfg: SemiConfig, run: _Run, state: dict[str, Any]) -> dict[str, Any]:
@@ -241,8 +255,10 @@ def _evaluate(run: _Run, ema: EMA) -> dict[str, float]:
 
 
 def _train_interval(cfg: SemiConfig, run: _Run, ema: EMA, optimizer: Any, scheduler: Any,
-                    streams: dict[str, IndexStream], step: int, count: int, bar: Any) -> tuple[dict[str, Any], float]:
-    """`count` optimisation steps from `step`; returns the interval's mean training statistics and its seconds."""
+                    streams: dict[str, IndexStream], step: int, count: int, bar: Any,
+                    stopper: GracefulStop | None = None) -> tuple[dict[str, Any], float, int]:
+    """Up to `count` steps from `step` (fewer when a signal asks to stop); returns the interval's mean training
+    statistics, its seconds and the number of steps done."""
     images, labels = run.images, run.labels
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     sums = torch.zeros(len(_SUMS), device=run.device, dtype=torch.float64)
@@ -270,6 +286,9 @@ def _train_interval(cfg: SemiConfig, run: _Run, ema: EMA, optimizer: Any, schedu
         scheduler.step()
         ema.update(run.model)
         bar.update()
+        if stopper is not None and stopper.signum is not None:
+            count = i + 1
+            break
     seconds = time.perf_counter() - start
     totals = sums.tolist()
     record: dict[str, Any] = {key: value / count for key, value in zip(_SUMS[:4], totals[:4], strict=True)}
@@ -283,7 +302,7 @@ def _train_interval(cfg: SemiConfig, run: _Run, ema: EMA, optimizer: Any, schedu
     if cfg.method != "fixmatch":
         for key in ("unlabelled_loss", "adversarial_loss", "mask_rate", "pseudo_label_acc"):
             record.pop(key)
-    return record, seconds
+    return record, seconds, count
 
 
 def _statistics(losses: SemiLosses, true_labels: torch.Tensor | None) -> torch.Tensor:
