@@ -1,6 +1,8 @@
 """Self-supervised losses as pure functions of embeddings (no networks here).
 
-Each is checked in tests against a loop-by-loop reference written from the original paper or code.
+Each is checked in tests against a loop-by-loop reference written from the original paper or code. Under
+data-parallel training the rows of a loss are this rank's samples and the candidates/negatives are gathered
+from every rank (`idaa.distributed.gather`, differentiable); in one process the gather is the identity.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from idaa.distributed import gather
+
 
 def _full(x: torch.Tensor) -> torch.Tensor:
     """Half-precision embeddings (autocast) are promoted: the exp/log of a loss needs fp32 range."""
@@ -18,12 +22,15 @@ def _full(x: torch.Tensor) -> torch.Tensor:
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent: each of the 2N embeddings must pick its partner among the other 2N - 1 (Chen et al. 2020)."""
-    z = F.normalize(_full(torch.cat([z1, z2])), dim=1)
-    n = len(z1)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+    z1, z2 = F.normalize(_full(z1), dim=1), F.normalize(_full(z2), dim=1)
+    (all1, offset), (all2, _) = gather(z1), gather(z2)
+    n, total = len(z1), len(all1)
+    rows = torch.cat([z1, z2])
+    logits = rows @ torch.cat([all1, all2]).T / temperature
+    own = torch.arange(n, device=z1.device) + offset
+    self_cols = torch.cat([own, own + total])
+    logits[torch.arange(2 * n, device=z1.device), self_cols] = float("-inf")
+    return F.cross_entropy(logits, torch.cat([own + total, own]))
 
 
 def anchored_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -31,16 +38,17 @@ def anchored_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, temperatu
 
     Anchors are the clean embeddings and are used as given (callers detach them); candidates come from x~.
     """
-    a = F.normalize(_full(anchors), dim=1)
+    a, offset = gather(F.normalize(_full(anchors), dim=1))
     c = F.normalize(_full(candidates), dim=1)
-    targets = torch.arange(len(c), device=c.device)
+    targets = torch.arange(len(c), device=c.device) + offset
     return F.cross_entropy(c @ a.T / temperature, targets)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Plain InfoNCE, Eq. 1: f(A(x_i)) must pick h(B(x_i)) among the batch's h(B(x_j)); one direction (CLAE's Plain)."""
-    a, b = F.normalize(_full(z1), dim=1), F.normalize(_full(z2), dim=1)
-    return F.cross_entropy(a @ b.T / temperature, torch.arange(len(a), device=a.device))
+    a = F.normalize(_full(z1), dim=1)
+    b, offset = gather(F.normalize(_full(z2), dim=1))
+    return F.cross_entropy(a @ b.T / temperature, torch.arange(len(a), device=a.device) + offset)
 
 
 def uel_batch_criterion(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -50,30 +58,34 @@ def uel_batch_criterion(z1: torch.Tensor, z2: torch.Tensor, temperature: float =
     the loss is -(1/2N) sum_i [log P_ii+ + sum_{j != i, i+} log(1 - P_ij)]. As in the reference code, the second
     argument of every inner product is treated as a constant (only the row embedding receives gradient).
     """
-    z = F.normalize(_full(torch.cat([z1, z2])), dim=1)
-    n2 = len(z)
-    n = n2 // 2
-    partner = torch.cat([torch.arange(n, n2), torch.arange(n)]).to(z.device)
-    sims = torch.exp(z @ z.detach().T / temperature)
-    sims = sims * (1 - torch.eye(n2, device=z.device))
-    denom = sims.sum(dim=1, keepdim=True)
-    prob = sims / denom  # row i: probability that sample k is recognised as instance i; diagonal 0
-    pos = torch.exp((z * z[partner].detach()).sum(1) / temperature) / denom.squeeze(1)
-    log_not = torch.log1p(-prob)  # diagonal: log(1) = 0
-    neg = log_not.sum(dim=1) - torch.log1p(-pos)
-    return -(torch.log(pos) + neg).sum() / n2
+    z1, z2 = F.normalize(_full(z1), dim=1), F.normalize(_full(z2), dim=1)
+    (all1, offset), (all2, _) = gather(z1.detach()), gather(z2.detach())  # columns are constants, as in UEL
+    n, total = len(z1), len(all1)
+    z = torch.cat([z1, z2])
+    rows = torch.arange(2 * n, device=z.device)
+    own = torch.arange(n, device=z.device) + offset
+    self_cols, partner_cols = torch.cat([own, own + total]), torch.cat([own + total, own])
+    sims = torch.exp(z @ torch.cat([all1, all2]).T / temperature)
+    sims = sims.index_put((rows, self_cols), sims.new_zeros(()))
+    denom = sims.sum(dim=1)
+    prob = sims / denom[:, None]  # row i: probability that sample k is recognised as instance i; self 0
+    pos = prob[rows, partner_cols]
+    neg = torch.log1p(-prob).sum(dim=1) - torch.log1p(-pos)  # every column but self (0) and the partner
+    return -(torch.log(pos) + neg).sum() / (2 * n)
 
 
 def _pos_neg(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """exp-similarities of each of the 2N embeddings to its partner (2N) and to its 2N-2 negatives (2N x 2N-2)."""
     z1, z2 = F.normalize(_full(z1), dim=1), F.normalize(_full(z2), dim=1)
-    z = torch.cat([z1, z2])
-    n = len(z1)
-    keep = ~torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    idx = torch.arange(n, device=z.device)
-    keep[idx, idx + n] = False
-    keep[idx + n, idx] = False
-    neg = torch.exp(z @ z.T / temperature).masked_select(keep).view(2 * n, 2 * n - 2)
+    (all1, offset), (all2, _) = gather(z1), gather(z2)
+    n, total = len(z1), len(all1)
+    own = torch.arange(n, device=z1.device) + offset
+    keep = torch.ones(2 * n, 2 * total, dtype=torch.bool, device=z1.device)
+    rows = torch.arange(2 * n, device=z1.device)
+    keep[rows, torch.cat([own, own + total])] = False
+    keep[rows, torch.cat([own + total, own])] = False
+    neg = torch.exp(torch.cat([z1, z2]) @ torch.cat([all1, all2]).T / temperature)
+    neg = neg.masked_select(keep).view(2 * n, 2 * total - 2)
     pos = torch.exp((z1 * z2).sum(1) / temperature)
     return torch.cat([pos, pos]), neg
 

@@ -44,6 +44,20 @@ class Method(nn.Module, ABC):
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         """L(v1, x'): the method's loss between the clean view and the adversarial view."""
 
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, adversary: Any = None, source: torch.Tensor | None = None,
+                alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One step's losses (total, clean, adversarial, x'): L(v1, v2) + alpha * L(v1, x'), x' made from v1.
+
+        Everything happens inside `forward` so that DistributedDataParallel sees the whole step. The attack
+        reuses the clean pass's state (no anchor is recomputed) and takes input gradients only.
+        """
+        clean, state = self.clean_loss(v1, v2)
+        if adversary is None:
+            return clean, clean, None, None
+        x_adv = adversary.perturb(v1, self.attack_loss(state), source=source)
+        adversarial = self.adversarial_loss(state, x_adv)
+        return clean + alpha * adversarial, clean, adversarial, x_adv
+
     def after_step(self, progress: float) -> None:
         """Hook after each optimiser step; methods with momentum encoders or queues update them here."""
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from idaa.adversaries.base import LossFn
+from idaa.distributed import gather_no_grad
 from idaa.errors import IdaaError
 from idaa.losses import moco_info_nce, negative_cosine
 from idaa.methods.base import Method, State, check_attack_mode, check_positive, cosine_momentum, ema_update, frozen_copy
@@ -115,8 +116,8 @@ class MoCo(Method):
         k1, k2 = self._key(v1), self._key(v2)
         queue = self.queue.clone()
         loss = (moco_info_nce(q1, k2, queue, self.temperature) + moco_info_nce(q2, k1, queue, self.temperature)) / 2
-        if self.training:
-            self._pending = torch.cat([k1, k2])
+        if self.training:  # every rank enqueues every rank's keys, so the queues stay identical
+            self._pending = gather_no_grad(torch.cat([k1, k2]))
         return loss, {"k1": k1, "queue": queue}
 
     def attack_loss(self, state: State) -> LossFn:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from idaa import distributed as dist
 from idaa.adversaries import build_adversary
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
-from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.evaluate.knn import extract_features, knn_accuracy
 from idaa.methods import Method
@@ -157,7 +157,22 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     the position inside an interrupted epoch. Raises TrainingStopped after a SIGTERM/SIGINT-triggered save.
     """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    created_group = not dist.active()
+    device = dist.setup(cfg.device)
+    created_group = created_group and dist.active()
+    try:
+        return _pretrain(cfg, device, resume, overwrite, progress)
+    finally:
+        if created_group:
+            dist.teardown()
+
+
+def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite: bool,
+              progress: bool) -> dict[str, Any]:
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    if cfg.batch_size % world:
+        raise IdaaError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
+    local_batch = cfg.batch_size // world
     last_path = Path(cfg.out) / "last.ckpt"
     if resume and not last_path.is_file():
         raise IdaaError(f"cannot resume: '{last_path}' does not exist")
@@ -165,6 +180,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     train, test = _load_data(cfg)
     _seed_everything(cfg.seed)
     method = build_from_config(dataclasses.asdict(cfg), train.channels).to(device)
+    if rank:  # identical initial weights (DDP broadcasts rank 0's), but each rank draws its own augmentations
+        _seed_everything(cfg.seed + 1_000_003 * rank)
     views = build_view_policy(cfg.policy or method.view_policy, train.image_size, train.mean, train.std).to(device)
     vae, vae_ref = None, None
     if cfg.adversary in VAE_ADVERSARIES:
@@ -177,6 +194,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                                 step_size=cfg.attack_step_size, norm=cfg.attack_norm,
                                 random_start=cfg.random_start, view_fn=views)
     steps_per_epoch = len(train) // cfg.batch_size
+    model: torch.nn.Module = method
+    if dist.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        # without an adversary the adversarial BN twins receive no gradient
+        model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=adversary is None)
     optimizer, scheduler = build_optimizer(cfg, method, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     knn = KNNMonitor(train, test, cfg, device) if test is not None and cfg.knn_every else None
@@ -198,12 +222,26 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
             scaler.load_state_dict(blob["scaler"])
         step, position = blob["step"], blob.get("position")
         start_epoch = position["epoch"] if position else blob["epoch"] + 1
-        _set_rng_state(blob["rng"])
-    out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
-    remove_stale_temporaries(out)
-    write_config(out / "config.yaml", {"command": "pretrain", **dataclasses.asdict(cfg)})
-    log, writer = MetricsLog(out / "metrics.jsonl"), _tensorboard(out)
-    if resume:
+        ranks = blob.get("rng_ranks") or [blob["rng"]]
+        if len(ranks) == world:
+            _set_rng_state(ranks[rank])
+        else:  # another world size: rank 0 continues its stream, the others start fresh ones
+            _set_rng_state(blob["rng"])
+            if rank:
+                _seed_everything(cfg.seed + 1_000_003 * rank + step)
+    out, failure = Path(cfg.out), None
+    if main:  # only rank 0 touches the run folder; a refusal there stops every rank
+        try:
+            out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
+            remove_stale_temporaries(out)
+            write_config(out / "config.yaml", {"command": "pretrain", **dataclasses.asdict(cfg)})
+        except IdaaError as exc:
+            failure = str(exc)
+    failure = dist.broadcast_object(failure)
+    if failure:
+        raise IdaaError(failure)
+    log, writer = MetricsLog(out / "metrics.jsonl"), _tensorboard(out) if main else None
+    if resume and main:
         log.truncate_after(step)
     data_meta = {"name": train.name, "image_size": train.image_size, "channels": train.channels,
                  "mean": list(train.mean), "std": list(train.std), "num_classes": len(train.classes)}
@@ -212,8 +250,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def save(path: Path, epoch_done: int, rng: dict[str, Any], where: dict[str, Any] | None) -> None:
+        """Every rank calls this (their RNG states are gathered); rank 0 writes."""
+        rng_ranks = dist.gather_objects(rng)
+        if not main:
+            return
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
-                           "vae": vae_ref, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                           "world_size": world, "rng_ranks": rng_ranks if world > 1 else None, "vae": vae_ref,
+                           "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                            "epoch": epoch_done, "step": step, "position": where, "rng": rng}, path)
 
@@ -221,7 +264,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     total_steps = steps_per_epoch * cfg.epochs
     total = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
     bar = tqdm(total=total, initial=min(step, total), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and main), dynamic_ncols=True)
     start, record, skipped = time.perf_counter(), {}, 0
     with GracefulStop() as stopper:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -232,20 +275,21 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                 order, first = position["order"].to(device), position["batch"]
                 sums, seen, prior = position["sums"].to(device), position["seen"], position["seconds"]
             else:
-                order, first = torch.randperm(len(train), device=device), 0
+                order, first = _shuffle(len(train), device), 0
                 sums, seen, prior = torch.zeros(3, device=device), 0, 0.0
             position, done, stop = None, first, None
             epoch_start = time.perf_counter()
             for i in range(first, steps_per_epoch):
-                batch = images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                lo = i * cfg.batch_size + rank * local_batch  # this rank's share of the global batch
+                batch = images[order[lo:lo + local_batch]]
                 v1, v2 = views(batch), views(batch)
                 # a skipped step must not leave NaN in BN statistics either: keep the buffers to put back
                 buffers = [b.clone() for b in method.buffers()] if cfg.skip_nonfinite > skipped else None
                 with autocast:
-                    losses = compute_losses(method, adversary, v1, v2, source=batch, alpha=cfg.alpha)
+                    losses = compute_losses(model, adversary, v1, v2, source=batch, alpha=cfg.alpha)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses.total).backward()
-                problem = _nonfinite(losses, params, check_grads=not scaler.is_enabled())
+                problem = _nonfinite(losses, params, check_grads=not scaler.is_enabled(), agree=world > 1)
                 step, done = step + 1, i + 1
                 if problem is None:
                     scaler.step(optimizer)
@@ -270,10 +314,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                 bar.update()
                 if step % 10 == 0:
                     bar.set_postfix(epoch=epoch, loss=f"{losses.total.item():.3f}")
+                signum = dist.max_int(stopper.signum or 0, device) if world > 1 else stopper.signum
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     stop = "max_steps"
-                elif stopper.signum is not None:
-                    stop = "signal"
+                elif signum:
+                    stop, stopper.signum = "signal", signum
                 if stop:
                     break
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and done < steps_per_epoch:
@@ -286,7 +331,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
             if stop == "signal":
                 save(last_path, epoch - (not complete), rng, where)
                 raise TrainingStopped(stopper.signum, step, last_path)
-            loss, clean, adv_loss = (sums / max(seen, 1)).tolist()
+            loss, clean, adv_loss = (_mean_over_ranks(sums) / max(seen, 1)).tolist()
             record = {"epoch": epoch, "step": step, "loss": loss, "clean_loss": clean,
                       "adversarial_loss": adv_loss if adversary is not None else None,
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": (done - first) * cfg.batch_size
@@ -298,9 +343,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                 record["skipped_steps"] = skipped
             finished = epoch == cfg.epochs or stop is not None
             if knn is not None and (epoch % cfg.knn_every == 0 or finished):
-                record["knn_top1"] = knn(method)
-                bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
-            log.write(record)
+                if main:  # the other ranks wait: the bank and queries fit on one device
+                    record["knn_top1"] = knn(method)
+                    bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
+                dist.barrier()
+            if main:
+                log.write(record)
             if writer is not None:
                 for key, value in record.items():
                     if isinstance(value, float):
@@ -316,15 +364,35 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     return record
 
 
+def _shuffle(n: int, device: torch.device) -> torch.Tensor:
+    """The epoch's order of the training images: drawn by rank 0 from its stream, the same on every rank."""
+    order = torch.randperm(n, device=device)
+    if dist.active():
+        torch.distributed.broadcast(order, src=0)
+    return order
+
+
+def _mean_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+    """Per-rank loss sums averaged over ranks (each rank's loss is the mean over its share of the batch)."""
+    if not dist.active():
+        return sums
+    total = sums.clone()
+    torch.distributed.all_reduce(total)
+    return total / dist.world_size()
+
+
 def _where(epoch: int, batch: int, order: torch.Tensor, sums: torch.Tensor, seen: int,
            seconds: float) -> dict[str, Any]:
     """The position inside an interrupted epoch: its shuffle, the next batch and the running loss sums."""
-    return {"epoch": epoch, "batch": batch, "order": order.cpu(), "sums": sums.cpu(), "seen": seen,
+    return {"epoch": epoch, "batch": batch, "order": order.cpu(), "sums": _mean_over_ranks(sums).cpu(), "seen": seen,
             "seconds": seconds}
 
 
-def _nonfinite(losses: Any, params: list[torch.Tensor], check_grads: bool = True) -> str | None:
-    """None when the step is finite (one host sync), else the term that went bad: attack, losses or gradient."""
+def _nonfinite(losses: Any, params: list[torch.Tensor], check_grads: bool = True, agree: bool = False) -> str | None:
+    """None when the step is finite (one host sync), else the term that went bad: attack, losses or gradient.
+
+    With `agree`, the flags are combined over ranks so that every rank skips or stops at the same step.
+    """
     flags = [torch.isfinite(losses.clean)]
     flags.append(torch.isfinite(losses.adversarial) if losses.adversarial is not None else flags[0])
     flags.append(torch.isfinite(losses.x_adv).all() if losses.x_adv is not None else flags[0])
@@ -332,15 +400,17 @@ def _nonfinite(losses: Any, params: list[torch.Tensor], check_grads: bool = True
     if check_grads and grads:
         flags.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
     flags = torch.stack(flags)
+    if agree:
+        flags = dist.all_true(flags)
     if bool(flags.all()):
         return None
     clean_ok, adversarial_ok, attack_ok, *grad_ok = flags.tolist()
     if not attack_ok:
         return "attack output (the adversarial view x')"
     if not clean_ok:
-        return f"clean loss ({losses.clean.item()})"
+        return f"clean loss ({losses.clean.item()})" if not agree else "clean loss"
     if not adversarial_ok:
-        return f"adversarial loss ({losses.adversarial.item()})"
+        return f"adversarial loss ({losses.adversarial.item()})" if not agree else "adversarial loss"
     return "gradient"
 
 
