@@ -150,9 +150,13 @@ def test_two_process_pretrain_writes_one_run_folder_and_resumes_on_one(tmp_path,
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
 
 
-def test_batch_must_split_evenly(tmp_path):
-    proc = torchrun("-m", "idaa", "pretrain", "--dataset", "digits", "--width", "4", "--batch-size", "33",
+@pytest.mark.parametrize(("extra", "message"), [(["--batch-size", "33"], "must be divisible by the 2 processes"),
+                                                 (["--sync-bn"], "--sync-bn needs CUDA")])
+def test_distributed_bad_input_stops_every_rank(extra, message, tmp_path):
+    proc = torchrun("-m", "idaa", "pretrain", "--dataset", "digits", "--width", "4", "--batch-size", "32",
                     "--limit", "128", "--epochs", "1", "--no-progress", "--device", "cpu", "--out",
-                    str(tmp_path / "r"), cwd=str(Path(__file__).parents[1]))
-    assert proc.returncode != 0 and "must be divisible by the 2 processes" in proc.stderr
+                    str(tmp_path / "r"), *extra, cwd=str(Path(__file__).parents[1]))
+    assert proc.returncode != 0 and message in proc.stderr
+    # each worker prints its one line; the only traceback is torchrun's own report of a failed worker
+    assert "src/idaa/" not in proc.stderr and proc.stderr.count("idaa: error: ") == 2
     assert not (tmp_path / "r").exists()

@@ -109,6 +109,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a method setting, e.g. tau_plus=0.1 or queue_size=4096 (repeatable)")
     p.add_argument("--random-start", action="store_true", default=None, help="PGD random start in the eps-ball")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun on CUDA: batch statistics over all ranks (SyncBatchNorm)")
     p.add_argument("--download", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -127,7 +129,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.resume and preset is None and args.out and (Path(args.out) / "config.yaml").is_file():
         preset = read_preset(Path(args.out) / "config.yaml")
         preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
-    names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + ["random_start", "download", "out"]
+    names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + ["random_start", "sync_bn", "download", "out"]
     overrides = {name: getattr(args, name) for name in names}
     if args.method_option:
         options = dict((preset or {}).get("method_options") or {})

@@ -56,6 +56,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    sync_bn: bool = False
 
     def validate(self) -> PretrainConfig:
         """One-line errors for impossible values, before anything is read or written."""

@@ -198,6 +198,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     if dist.active():
         from torch.nn.parallel import DistributedDataParallel
 
+        if cfg.sync_bn:
+            if device.type != "cuda":
+                raise IdaaError("--sync-bn needs CUDA devices: torch's SyncBatchNorm has no CPU implementation")
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
         # without an adversary the adversarial BN twins receive no gradient
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=adversary is None)
