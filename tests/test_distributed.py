@@ -66,6 +66,7 @@ if __name__ == "__main__":
     if rank == 0:
         torch.save({"loss": loss.item() / world, "world": world,
                     "params": {k: p.detach() for k, p in method.named_parameters()}}, out)
+    td.barrier()  # no rank may tear the group down while another still uses it
     dist.teardown()
 '''
 

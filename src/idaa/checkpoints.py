@@ -31,8 +31,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_from_config(config: dict[str, Any], in_channels: int = 3) -> Method:
     """The method (backbone + heads) a run config describes, freshly initialised."""
     backbone = build_backbone(config["backbone"], width=config.get("width"), in_channels=in_channels)
-    return build_method(config["method"], backbone, temperature=config.get("temperature"),
-                        attack_loss=config["attack_loss"], **config.get("method_options", {}))
+    method = build_method(config["method"], backbone, temperature=config.get("temperature"),
+                          attack_loss=config["attack_loss"], **config.get("method_options", {}))
+    method.attack_graph = config.get("attack_graph", "separate")
+    method.attack_fraction = config.get("attack_fraction", 1.0)
+    return method
 
 
 def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[Method, dict[str, Any]]:

@@ -20,6 +20,11 @@ class Adversary(ABC):
     """
 
     name: str = "adversary"
+    uses_gradient: bool = False  # True for adversaries that can also start from a given input gradient
+
+    def perturb_from_gradient(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """x' from d loss / d x at x, already computed elsewhere (FGSM only); see Method.forward."""
+        raise IdaaError(f"the {self.name} adversary cannot attack from a given gradient")
 
     @abstractmethod
     def perturb(self, x: torch.Tensor, loss_fn: LossFn, source: torch.Tensor | None = None) -> torch.Tensor:

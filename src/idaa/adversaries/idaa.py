@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from idaa.adversaries.base import Adversary, LossFn, SignedGradientAttack, check_eps
+from idaa.adversaries.base import Adversary, LossFn, SignedGradientAttack, ascent_direction, check_eps
 from idaa.errors import IdaaError
 from idaa.nets.vae import VAE
 
@@ -16,6 +16,10 @@ class IdentityDisentangledAdversary(Adversary):
     """
 
     name = "idaa"
+
+    @property
+    def uses_gradient(self) -> bool:  # type: ignore[override]
+        return self.decompose_residual  # without R, x~(0) = G(x) is not x: no clean graph to reuse
 
     def __init__(self, vae: VAE, eps: float = 0.15, steps: int = 1, step_size: float | None = None,
                  norm: str = "linf", random_start: bool = False, decompose: bool = True) -> None:
@@ -44,6 +48,20 @@ class IdentityDisentangledAdversary(Adversary):
 
     def perturb(self, x: torch.Tensor, loss_fn: LossFn, source: torch.Tensor | None = None) -> torch.Tensor:
         return self.attack_latent(x, loss_fn)[0]
+
+    def perturb_from_gradient(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """FGSM from g = d loss / d x~ at delta = 0, where x~ = x: d loss / d delta = J_D(mu)^T g (one decoder VJP)."""
+        if self.attack.steps != 1 or self.attack.random_start or not self.decompose_residual:
+            raise IdaaError("--attack-graph clean supports FGSM IDAA only (one step, no random start, with R)")
+        with torch.no_grad():
+            mu, _ = self.vae.encode(x.detach())
+        delta = torch.zeros_like(mu, requires_grad=True)
+        with torch.enable_grad():
+            generated = self.vae.decode(mu + delta)
+            (latent_grad,) = torch.autograd.grad(generated, delta, grad_outputs=grad.to(generated.dtype))
+        with torch.no_grad():
+            step = self.attack.step_size * ascent_direction(latent_grad, self.attack.norm)
+            return x.detach() - generated.detach() + self.vae.decode(mu + step)
 
     def attack_latent(self, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
         """(x', delta): the adversarial view and the latent perturbation that made it."""

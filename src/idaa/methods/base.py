@@ -27,10 +27,13 @@ class Method(nn.Module, ABC):
 
     name: str = "method"
     view_policy: str = "simclr"
+    batch_state_keys: tuple[str, ...] = ()  # state entries with one row per sample (sliced by attack_fraction)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone
+        self.attack_graph = "separate"  # or "clean": the attack's input gradient from v1's own clean forward
+        self.attack_fraction = 1.0  # attack (and add x' for) only the first fraction of the batch
 
     @abstractmethod
     def clean_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -49,14 +52,34 @@ class Method(nn.Module, ABC):
         """One step's losses (total, clean, adversarial, x'): L(v1, v2) + alpha * L(v1, x'), x' made from v1.
 
         Everything happens inside `forward` so that DistributedDataParallel sees the whole step. The attack
-        reuses the clean pass's state (no anchor is recomputed) and takes input gradients only.
+        reuses the clean pass's state (no anchor is recomputed) and takes input gradients only. With
+        `attack_graph="clean"` the attack needs no forward of its own: at delta = 0, x~ equals v1 exactly
+        (R + G = x), so its input gradient comes from v1's clean graph (main BN instead of the adversarial one).
         """
+        clean_graph = adversary is not None and self.attack_graph == "clean" and adversary.uses_gradient
+        if clean_graph:
+            v1 = v1.detach().requires_grad_(True)
         clean, state = self.clean_loss(v1, v2)
         if adversary is None:
             return clean, clean, None, None
-        x_adv = adversary.perturb(v1, self.attack_loss(state), source=source)
-        adversarial = self.adversarial_loss(state, x_adv)
+        m = len(v1) if self.attack_fraction >= 1 else max(1, round(self.attack_fraction * len(v1)))
+        part = state if m == len(v1) else self.subset_state(state, m)
+        if clean_graph:
+            (grad,) = torch.autograd.grad(self.clean_attack_value(state), v1, retain_graph=True)
+            x_adv = adversary.perturb_from_gradient(v1.detach()[:m], grad[:m])
+        else:
+            x_adv = adversary.perturb(v1.detach()[:m], self.attack_loss(part),
+                                      source=None if source is None else source[:m])
+        adversarial = self.adversarial_loss(part, x_adv)
         return clean + alpha * adversarial, clean, adversarial, x_adv
+
+    def subset_state(self, state: State, m: int) -> State:
+        """The state of the first m samples (for `attack_fraction`)."""
+        return {k: v[:m] if k in self.batch_state_keys else v for k, v in state.items()}
+
+    def clean_attack_value(self, state: State) -> torch.Tensor:
+        """The attack loss at delta = 0 computed from the clean pass's own (non-detached) outputs."""
+        raise IdaaError(f"--attack-graph clean is not available for {self.name}")
 
     def after_step(self, progress: float) -> None:
         """Hook after each optimiser step; methods with momentum encoders or queues update them here."""

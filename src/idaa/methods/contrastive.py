@@ -27,6 +27,7 @@ class ContrastiveMethod(Method):
     """
 
     default_temperature = 0.5
+    batch_state_keys = ("z1",)
 
     def __init__(self, backbone: Backbone, projector: nn.Module, temperature: float | None = None,
                  attack_loss: str = "anchored") -> None:
@@ -51,6 +52,12 @@ class ContrastiveMethod(Method):
         if self.attack_mode == "symmetric":
             return lambda x: self.pair_loss(anchors, self.embed(x, adv=True))
         return lambda x: anchored_info_nce(anchors, self.embed(x, adv=True), self.temperature)
+
+    def clean_attack_value(self, state: State) -> torch.Tensor:
+        z1 = state["z1"]
+        if self.attack_mode == "symmetric":
+            return self.pair_loss(z1.detach(), z1)
+        return anchored_info_nce(z1.detach(), z1, self.temperature)
 
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         return self.pair_loss(state["z1"], self.embed(x_adv, adv=True))

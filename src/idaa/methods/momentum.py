@@ -35,6 +35,7 @@ class BYOL(Method):
 
     name = "byol"
     view_policy = "simclr"
+    batch_state_keys = ("p1", "t1")
 
     def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
                  proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
@@ -66,6 +67,9 @@ class BYOL(Method):
     def attack_loss(self, state: State) -> LossFn:
         return lambda x: self.regression(self._online(x, adv=True), state["t1"])
 
+    def clean_attack_value(self, state: State) -> torch.Tensor:
+        return self.regression(state["p1"], state["t1"])
+
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         p = self._online(x_adv, adv=True)
         t = self._target(x_adv, adv=True)
@@ -87,6 +91,7 @@ class MoCo(Method):
 
     name = "moco"
     view_policy = "simclr"
+    batch_state_keys = ("q1", "k1")
 
     def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
                  proj_hidden: int = 2048, proj_dim: int = 128, queue_size: int = 4096,
@@ -118,10 +123,13 @@ class MoCo(Method):
         loss = (moco_info_nce(q1, k2, queue, self.temperature) + moco_info_nce(q2, k1, queue, self.temperature)) / 2
         if self.training:  # every rank enqueues every rank's keys, so the queues stay identical
             self._pending = gather_no_grad(torch.cat([k1, k2]))
-        return loss, {"k1": k1, "queue": queue}
+        return loss, {"q1": q1, "k1": k1, "queue": queue}
 
     def attack_loss(self, state: State) -> LossFn:
         return lambda x: moco_info_nce(self._query(x, adv=True), state["k1"], state["queue"], self.temperature)
+
+    def clean_attack_value(self, state: State) -> torch.Tensor:
+        return moco_info_nce(state["q1"], state["k1"], state["queue"], self.temperature)
 
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         return moco_info_nce(self._query(x_adv, adv=True), state["k1"], state["queue"], self.temperature)

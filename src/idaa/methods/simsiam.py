@@ -21,6 +21,7 @@ class SimSiam(Method):
 
     name = "simsiam"
     view_policy = "simsiam"
+    batch_state_keys = ("z1", "p1")
 
     def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
                  proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512, proj_layers: int = 2) -> None:
@@ -43,6 +44,9 @@ class SimSiam(Method):
     def attack_loss(self, state: State) -> LossFn:
         target = state["z1"].detach()
         return lambda x: negative_cosine(self._zp(x, adv=True)[1], target)
+
+    def clean_attack_value(self, state: State) -> torch.Tensor:
+        return negative_cosine(state["p1"], state["z1"])  # the target is detached inside
 
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         z, p = self._zp(x_adv, adv=True)

@@ -45,6 +45,8 @@ class PretrainConfig:
     attack_step_size: float | None = None
     attack_norm: str = "linf"
     random_start: bool = False
+    attack_graph: str = "separate"
+    attack_fraction: float = 1.0
     alpha: float = 1.0
     knn_every: int = 1
     knn_k: int = 200
@@ -93,10 +95,15 @@ class PretrainConfig:
                 raise IdaaError(f"{_flag(key)} must be a finite number >= 0, got {value!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
                    "precision": ("fp32", "bf16", "fp16"), "attack_norm": ("linf", "l2"),
-                   "attack_loss": ("anchored", "symmetric")}
+                   "attack_loss": ("anchored", "symmetric"), "attack_graph": ("separate", "clean")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise IdaaError(f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not isinstance(self.attack_fraction, int | float) or not 0 < self.attack_fraction <= 1:
+            raise IdaaError(f"--attack-fraction must be in (0, 1], got {self.attack_fraction!r}")
+        if self.attack_graph == "clean" and (self.attack_steps != 1 or self.random_start
+                                             or self.adversary not in ("idaa", "clae")):
+            raise IdaaError("--attack-graph clean needs the FGSM idaa or clae adversary (one step, no random start)")
         return self
 
 

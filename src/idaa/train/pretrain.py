@@ -161,7 +161,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     device = dist.setup(cfg.device)
     created_group = created_group and dist.active()
     try:
-        return _pretrain(cfg, device, resume, overwrite, progress)
+        record = _pretrain(cfg, device, resume, overwrite, progress)
+        dist.barrier()  # every rank is done before any tears the group down
+        return record
     finally:
         if created_group:
             dist.teardown()

@@ -1,0 +1,218 @@
+"""`idaa bench step`: the per-step cost of SimCLR with each adversary, measured side by side in one process.
+
+Modes are interleaved (one step of each per round, warm-up rounds dropped, median over rounds), so a busy
+machine slows them alike and the ratios to `none` stay meaningful. Memory is the CUDA allocator's peak on
+GPUs; on CPU it is the size of the tensors autograd saves for the backward pass (the activation memory that
+grows with the step's structure), since CPU allocations are not tracked by torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from idaa.adversaries import build_adversary
+from idaa.data.views import build_view_policy
+from idaa.devices import resolve_device
+from idaa.errors import IdaaError
+from idaa.methods import build_method
+from idaa.nets import VAE, build_backbone
+from idaa.train.step import compute_losses
+
+# mode -> (adversary, attack_graph, attack_fraction)
+MODES: dict[str, tuple[str, str, float]] = {
+    "none": ("none", "separate", 1.0),
+    "idaa": ("idaa", "separate", 1.0),
+    "idaa-clean": ("idaa", "clean", 1.0),
+    "idaa-clean-frac0.25": ("idaa", "clean", 0.25),
+    "idaa-frac0.25": ("idaa", "separate", 0.25),
+    "clae": ("clae", "separate", 1.0),
+}
+
+
+@dataclass
+class BenchConfig:
+    """What `idaa bench step` measures; the defaults are the speed issue's CPU setting."""
+
+    backbone: str = "resnet18-cifar"
+    width: int | None = None
+    batch_size: int = 64
+    image_size: int = 32
+    latent_dim: int = 512
+    modes: tuple[str, ...] = ("none", "idaa", "idaa-clean", "idaa-clean-frac0.25", "clae")
+    rounds: int = 10
+    warmup: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    seed: int = 0
+
+    def validate(self) -> BenchConfig:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise IdaaError(f"unknown bench mode(s) {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{', '.join(MODES)}")
+        for key in ("batch_size", "rounds", "latent_dim"):
+            if getattr(self, key) < 1:
+                raise IdaaError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise IdaaError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.precision not in ("fp32", "bf16"):
+            raise IdaaError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        return self
+
+
+def _saved_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes of the tensors autograd holds for backward during `step` (CPU's activation memory).
+
+    Each saved storage is counted once while any graph holds it; a graph freed early (the attack's, after its
+    input gradient) gives its memory back, as the allocator would.
+    """
+    holders: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    live, peak = 0, 0
+
+    def release(key: int) -> None:
+        nonlocal live
+        holders[key] -= 1
+        if holders[key] == 0:
+            live -= sizes.pop(key)
+            del holders[key]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal live, peak
+        try:
+            key = t.untyped_storage().data_ptr()
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t
+        box = _Box(t)
+        if key not in holders:
+            holders[key], sizes[key] = 0, nbytes
+            live += nbytes
+            peak = max(peak, live)
+        holders[key] += 1
+        weakref.finalize(box, release, key)
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor if isinstance(box, _Box) else box):
+        step()
+    return peak
+
+
+class _Box:
+    """Holds a saved tensor; its finalizer tells `_saved_bytes` when autograd lets go of it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def bench_step(cfg: BenchConfig) -> dict[str, Any]:
+    """Per-mode median step time, images/s and memory, plus the time to make two SimCLR views of the batch."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vae = VAE(image_size=cfg.image_size, channels=3, latent_dim=cfg.latent_dim).to(device)
+    vae.train()
+    with torch.no_grad():  # warm BN statistics so the frozen VAE's outputs are of a realistic scale
+        vae(torch.randn(32, 3, cfg.image_size, cfg.image_size, device=device))
+    vae.freeze()
+    source = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           device=device)
+    views = build_view_policy("simclr", cfg.image_size, (0.5,) * 3, (0.25,) * 3).to(device)
+    v1, v2 = views(source), views(source)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    v1, v2 = v1.contiguous(memory_format=memory_format), v2.contiguous(memory_format=memory_format)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+
+    runners: dict[str, Callable[[], None]] = {}
+    for mode in cfg.modes:
+        adversary_name, graph, fraction = MODES[mode]
+        torch.manual_seed(cfg.seed)
+        method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device)
+        method = method.to(memory_format=memory_format).train()
+        method.attack_graph, method.attack_fraction = graph, fraction
+        adversary = None if adversary_name == "none" else build_adversary(adversary_name, vae=vae)
+        optimizer = torch.optim.Adam(method.parameters(), lr=1e-4)
+
+        def run(method=method, adversary=adversary, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                losses = compute_losses(method, adversary, v1, v2)
+            losses.total.backward()
+            optimizer.step()
+
+        runners[mode] = run
+
+    def timed(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {mode: [] for mode in cfg.modes}
+    view_times: list[float] = []
+    for round_ in range(cfg.warmup + cfg.rounds):
+        for mode in cfg.modes:
+            elapsed = timed(runners[mode])
+            if round_ >= cfg.warmup:
+                times[mode].append(elapsed)
+        elapsed = timed(lambda: (views(source), views(source)))
+        if round_ >= cfg.warmup:
+            view_times.append(elapsed)
+
+    memory: dict[str, float] = {}
+    for mode in cfg.modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            runners[mode]()
+            torch.cuda.synchronize(device)
+            memory[mode] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            memory[mode] = _saved_bytes(runners[mode]) / 2**20
+
+    base = cfg.modes[0]
+    rows = []
+    for mode in cfg.modes:
+        ms = 1000 * statistics.median(times[mode])
+        rows.append({"mode": mode, "ms_per_step": ms, "images_per_s": cfg.batch_size / (ms / 1000),
+                     "memory_mb": memory[mode]})
+    base_ms = next(r["ms_per_step"] for r in rows if r["mode"] == base)
+    base_mem = next(r["memory_mb"] for r in rows if r["mode"] == base)
+    for r in rows:
+        r["time_ratio"] = r["ms_per_step"] / base_ms
+        r["memory_ratio"] = r["memory_mb"] / base_mem if base_mem else None
+    views_ms = 1000 * statistics.median(view_times)
+    return {"config": {**cfg.__dict__, "modes": list(cfg.modes), "device": str(device),
+                       "threads": torch.get_num_threads()},
+            "baseline": base, "rows": rows, "views_ms": views_ms,
+            "views_share_of_baseline_step": views_ms / (views_ms + base_ms)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The markdown table `idaa bench step` prints (and the README's Performance section shows)."""
+    c = result["config"]
+    memory_kind = "peak MB" if c["device"].startswith("cuda") else "saved activations MB"
+    lines = [f"{c['backbone']} width {c['width'] or 'full'}, batch {c['batch_size']}, {c['image_size']} px, "
+             f"{c['device']} ({c['threads']} threads), {c['precision']}, median of {c['rounds']} interleaved rounds",
+             "", f"| mode | ms/step | x {result['baseline']} | images/s | {memory_kind} | x {result['baseline']} |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        mem_ratio = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
+        lines.append(f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['time_ratio']:.2f} | {r['images_per_s']:.1f} | "
+                     f"{r['memory_mb']:.0f} | {mem_ratio} |")
+    lines += ["", f"two SimCLR views of the batch: {result['views_ms']:.1f} ms "
+              f"({100 * result['views_share_of_baseline_step']:.1f}% of a {result['baseline']} step with views)"]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The faster attack modes (clean graph, fraction of the batch) and `idaa bench step`."""
+
+import json
+
+import pytest
+import torch
+
+from idaa.adversaries import build_adversary
+from idaa.cli import main
+from idaa.errors import IdaaError
+from idaa.methods import build_method
+from idaa.nets import build_backbone
+from idaa.train.config import resolve_config
+from idaa.train.step import compute_losses
+
+
+def fresh(name="simclr"):
+    options = {"proj_hidden": 32, "proj_dim": 16} if name == "simclr" else {"proj_hidden": 32, "proj_dim": 32,
+                                                                               "pred_hidden": 8}
+    torch.manual_seed(0)
+    return build_method(name, build_backbone("resnet18-cifar", width=4), **options).train()
+
+
+@pytest.mark.parametrize("name", ["simclr", "simsiam"])
+@pytest.mark.parametrize("adversary", ["idaa", "clae"])
+def test_clean_graph_attack_equals_the_separate_one_while_both_bns_agree(name, adversary, tiny_vae):
+    # At initialisation the main and adversarial BN have the same affine parameters and both normalise with
+    # batch statistics, so at delta = 0 the clean graph computes exactly the attack's forward.
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    adv = build_adversary(adversary, vae=tiny_vae, eps=0.2)
+    outputs = []
+    for graph in ("separate", "clean"):
+        method = fresh(name)
+        method.attack_graph = graph
+        losses = compute_losses(method, adv, v1, v2)
+        outputs.append(losses.x_adv)
+        losses.total.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in method.parameters())
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    assert not torch.equal(outputs[0], v1), "the attack moved the view"
+
+
+def test_clean_graph_costs_one_backbone_forward_less(tiny_vae):
+    counts = {}
+    for graph in ("separate", "clean"):
+        method = fresh()
+        method.attack_graph = graph
+        calls = []
+        method.backbone.register_forward_hook(lambda *_: calls.append(1))
+        compute_losses(method, build_adversary("idaa", vae=tiny_vae, eps=0.1), *torch.randn(2, 8, 3, 32, 32))
+        counts[graph] = len(calls)
+    assert counts == {"separate": 4, "clean": 3}
+
+
+def test_attack_fraction_attacks_the_first_rows_only(tiny_vae):
+    method = fresh()
+    method.attack_fraction = 0.25
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    losses = compute_losses(method, build_adversary("idaa", vae=tiny_vae, eps=0.1), v1, v2)
+    assert losses.x_adv.shape[0] == 2 and torch.isfinite(losses.total)
+    losses.total.backward()
+    assert all(p.grad is not None for n, p in method.named_parameters() if ".adv." in n)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"attack_graph": "clean", "adversary": "idaa", "attack_steps": 3}, "FGSM"),
+    ({"attack_graph": "clean", "adversary": "random-view"}, "FGSM"),
+    ({"attack_graph": "fast"}, "--attack-graph"),
+    ({"attack_fraction": 0.0}, "--attack-fraction"),
+    ({"attack_fraction": 1.5}, "--attack-fraction"),
+])
+def test_bad_speed_options(overrides, message):
+    with pytest.raises(IdaaError, match=message):
+        resolve_config(None, {"out": "x", **overrides})
+
+
+def test_bench_step_prints_a_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "step", "--width", "4", "--batch-size", "8", "--latent-dim", "16", "--rounds", "2", "--warmup",
+            "1", "--modes", "none,idaa,idaa-clean,idaa-clean-frac0.25", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| idaa-clean |" in text and "x none" in text and "two SimCLR views" in text
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["none"]["time_ratio"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows.values())
+    # activation memory: the adversarial branch needs more than the plain step, attacking a quarter needs less
+    assert rows["idaa"]["memory_mb"] > rows["none"]["memory_mb"]
+    assert rows["idaa-clean-frac0.25"]["memory_mb"] < rows["idaa-clean"]["memory_mb"]
+    assert main(["bench", "step", "--modes", "none,warp"]) == 2
