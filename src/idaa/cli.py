@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--features", default="backbone", choices=("backbone", "projector"))
     k.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
     k.add_argument("--device", default="auto")
+    k.add_argument("--out", default=None, help="result file (default: eval_knn.json beside the checkpoint)")
+    k.add_argument("--no-progress", action="store_true")
+    _add_linear_eval(ev)
+    _add_export_report(sub)
 
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
@@ -77,6 +81,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=10, help="SimCLR epochs per run")
     _add_common(d)
     return parser
+
+
+def _add_linear_eval(ev: argparse._SubParsersAction) -> None:
+    for name, text in (("linear", "linear probe on frozen, cached features -> eval.json"),
+                       ("transfer", "the linear protocol on another dataset -> eval_transfer_<dataset>.json")):
+        p = ev.add_parser(name, help=text)
+        p.add_argument("checkpoint")
+        if name == "transfer":
+            p.add_argument("--dataset", required=True, help="target dataset (e.g. folder with --data-dir, digits)")
+        else:
+            p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+        p.add_argument("--data-dir", default=None)
+        p.add_argument("--features", default="backbone", choices=("backbone", "projector"))
+        p.add_argument("--limit", type=int, default=None, help="seeded class-balanced subset of the training set")
+        p.add_argument("--augment", action="store_true",
+                       help="the paper's protocol: train on fresh random crops/flips every epoch (slower, no cache)")
+        p.add_argument("--epochs", type=int, default=None, help="epochs of the --augment protocol (default 10)")
+        p.add_argument("--batch-size", type=int, default=512,
+                       help="images per forward pass (the --augment probe uses minibatches of at most 256)")
+        p.add_argument("--out", default=None, help="result file (default: beside the checkpoint)")
+        _add_common(p)
+
+
+def _add_export_report(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("export", help="the backbone alone (main BN) + metadata, for idaa.load_backbone")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True, help="file to write, e.g. backbone.pt")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    r = sub.add_parser("report", help="one table from the eval*.json files of several runs")
+    r.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run folders (searched recursively) or files")
+    r.add_argument("--format", default="markdown", choices=("markdown", "csv"))
+    r.add_argument("--out", default=None, help="write the table to this file (default: print it)")
 
 
 # (flag, type, help) for every PretrainConfig field settable from the command line; None means "not given".
@@ -162,12 +198,55 @@ def _parse_options(items: list[str]) -> dict[str, object]:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.eval_command in ("linear", "transfer"):
+        _eval_linear(args)
+        return
     from idaa.evaluate.knn import knn_from_checkpoint
 
     result = knn_from_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.limit, args.k, args.temperature,
-                                 args.features, args.metric, args.device)
+                                 args.features, args.metric, args.device, out=args.out,
+                                 progress=not args.no_progress)
     print(f"kNN top-1 {result['knn_top1']:.2f}%  (k={result['k']}, T={result['temperature']}, "
-          f"{result['features']} features, bank {result['bank']}, queries {result['queries']})")
+          f"{result['features']} features, bank {result['bank']}, queries {result['queries']}) -> {result['out']}")
+
+
+def _eval_linear(args: argparse.Namespace) -> None:
+    from idaa.evaluate.protocol import LinearEvalOptions, linear_eval
+
+    opts = LinearEvalOptions(dataset=args.dataset, data_dir=args.data_dir, features=args.features, limit=args.limit,
+                             device=args.device, seed=args.seed, augment=args.augment, epochs=args.epochs,
+                             batch_size=args.batch_size, progress=not args.no_progress, out=args.out)
+    r = linear_eval(args.checkpoint, opts, transfer=args.eval_command == "transfer")
+    t = r["times"]
+    print(f"{r['kind']} {r['dataset']}: top-1 {r['linear_top1']:.2f}%  top-5 {r['linear_top5']:.2f}%  "
+          f"(wd {r['protocol']['chosen_weight_decay']:g}, {r['feature_dim']}-d {r['features']} features, "
+          f"train {r['train_images']}, test {r['test_images']}; {t['total_s']:.1f} s) -> {r['out']}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from idaa.export import export_backbone
+
+    meta = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"export: {meta['backbone']} (width {meta['width']}, {meta['out_dim']}-d features, "
+          f"{meta['image_size']} px) -> {args.out}; load with idaa.load_backbone")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from idaa.evaluate.report import build_report
+
+    text = build_report(args.paths, args.format)
+    if args.out is None:
+        print(text, end="")
+        return
+    from pathlib import Path
+
+    from idaa.train.run_dir import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(Path(args.out), lambda handle: handle.write(text.encode()))
+    except OSError as exc:
+        raise IdaaError(f"cannot write '{args.out}' ({exc.strerror or type(exc).__name__})") from None
+    print(f"report: {len(text.splitlines())} lines -> {args.out}")
 
 
 def _vae(args: argparse.Namespace) -> None:
@@ -220,7 +299,8 @@ def _semi(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo, "semi": _semi}
+    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo, "semi": _semi,
+                "export": _export, "report": _report}
     try:
         handlers[args.command](args)
     except IdaaError as exc:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,15 +12,10 @@ from idaa.data.datasets import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
+from idaa.evaluate.features import FeatureCache, extract_features
+from idaa.evaluate.results import write_result
 
-
-@torch.no_grad()
-def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     view: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                     batch_size: int = 512) -> torch.Tensor:
-    """Features of every image (uint8, any device) through `view` then `embed`, on `device`, in order."""
-    chunks = [embed(view(chunk.to(device, non_blocking=True))).float() for chunk in images.split(batch_size)]
-    return torch.cat(chunks)
+__all__ = ["extract_features", "knn_accuracy", "knn_from_checkpoint", "knn_predict"]
 
 
 @torch.no_grad()
@@ -58,14 +51,24 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 
 def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | None = None,
                         limit: int | None = None, k: int = 200, temperature: float = 0.1,
-                        features: str = "backbone", metric: str = "cosine", device: str = "auto") -> dict:
-    """Offline kNN of a checkpoint: bank = the training images it was trained on (or --dataset), queries = test."""
+                        features: str = "backbone", metric: str = "cosine", device: str = "auto",
+                        out: str | None = None, progress: bool = False, cache: bool = True) -> dict:
+    """Offline kNN of a checkpoint: bank = the training images it was trained on (or --dataset), queries = test.
+
+    Features come from the run folder's feature cache (shared with linear evaluation) when it matches.
+    """
     if k < 1 or not temperature > 0:
         raise IdaaError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     if features not in ("backbone", "projector"):
         raise IdaaError(f"--features must be backbone or projector, got {features!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise IdaaError(f"--metric must be cosine or euclidean, got {metric!r}")
+    if limit is not None and limit < 1:
+        raise IdaaError(f"--limit must be >= 1, got {limit}")
     dev = resolve_device(device)
     method, blob = load_method(path, dev)
+    if features == "projector" and not hasattr(method, "projector"):
+        raise IdaaError(f"method {method.name!r} has no projector; use --features backbone")
     cfg = blob["config"]
     name = dataset or cfg["dataset"]
     root = data_dir if (dataset or data_dir) else cfg["data_dir"]
@@ -77,16 +80,31 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
     if train.image_size != blob["data"]["image_size"]:
         raise IdaaError(f"checkpoint was trained on {blob['data']['image_size']} px images, '{name}' has "
                         f"{train.image_size} px")
-    view = build_view_policy("eval", train.image_size, train.mean, train.std).to(dev)
+    if bool((train.labels < 0).any()) or bool((test.labels < 0).any()):
+        raise IdaaError(f"kNN needs labelled images; the {name} data has unlabelled ones")
+    meta = blob["data"]
+    view = build_view_policy("eval", train.image_size, meta["mean"], meta["std"]).to(dev)
+    view_key = {"policy": "eval", "image_size": train.image_size, "mean": list(meta["mean"]),
+                "std": list(meta["std"])}
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         return method.embed_for_eval(x, features)
 
-    bank = extract_features(embed, train.images, view, dev)
-    queries = extract_features(embed, test.images, view, dev)
+    store = FeatureCache(path, enabled=cache)
+    common = {"embed": embed, "source": features, "view_fn": view, "view": view_key, "device": dev,
+              "data_dir": root, "progress": progress}
+    bank = store.get(data=train, split="train", **common)
+    queries = store.get(data=test, split="test", **common)
     classes = max(len(train.classes), int(train.labels.max()) + 1)
-    top1 = knn_accuracy(bank, train.labels.to(dev), queries, test.labels, classes, k, temperature, metric)
-    result = {"checkpoint": str(path), "dataset": name, "bank": len(train), "queries": len(test), "k": k,
-              "temperature": temperature, "features": features, "metric": metric, "knn_top1": top1}
-    (Path(path).parent / "eval_knn.json").write_text(json.dumps(result, indent=2))
+    top1 = knn_accuracy(bank.features.to(dev), train.labels.to(dev), queries.features.to(dev), test.labels, classes,
+                        k, temperature, metric)
+    result = {"kind": "knn", "checkpoint": str(path), "checkpoint_sha256": store.checkpoint_sha256,
+              "method": cfg.get("method"), "adversary": cfg.get("adversary"), "dataset": name, "bank": len(train),
+              "queries": len(test), "k": k, "temperature": temperature, "features": features, "metric": metric,
+              "knn_top1": top1, "times": {"extract_bank_s": bank.seconds, "bank_cache_hit": bank.hit,
+                                          "extract_queries_s": queries.seconds, "queries_cache_hit": queries.hit},
+              "config": cfg}
+    target = Path(out) if out else Path(path).parent / "eval_knn.json"
+    write_result(target, result)
+    result["out"] = str(target)
     return result
