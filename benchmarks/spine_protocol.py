@@ -3,9 +3,10 @@
     python benchmarks/spine_protocol.py --data-dir .cache/data/cifar10_jpg --vae runs/vae-cifar10-10k/vae.pt
     python benchmarks/spine_protocol.py ... --method simsiam --adversaries none,idaa   # -> runs/protocol-simsiam
 
-Runs `idaa pretrain --config configs/cpu-protocol-cifar10.yaml` once per adversary (sequentially; a finished
-run is reused, so the script can be re-run after an interruption) and prints a markdown table of the final
-kNN top-1 accuracy (k=200, T=0.1, backbone features, full test set) and the wall time of each run.
+Runs `idaa pretrain --config configs/cpu-protocol-cifar10.yaml` once per adversary (sequentially; a finished run is
+reused and an interrupted one resumed from its last.ckpt, so the script can simply be re-run) and prints a markdown
+table of the final kNN top-1 accuracy (k=200, T=0.1, backbone features, full test set) and the wall time of each
+run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def main() -> None:
             command += ["--vae", args.vae, "--eps", str(args.idaa_eps)]
         record = finished(run, args.epochs)
         if record is None:
-            if run.exists():
+            if (run / "last.ckpt").is_file():  # an interrupted run continues exactly where it stopped
+                command = [sys.executable, "-m", "idaa", "pretrain", "--resume", "--out", str(run), "--no-progress"]
+            elif run.exists():
                 command.append("--overwrite")
             print("$ " + " ".join(command), flush=True)
             subprocess.run(command, check=True)
