@@ -265,13 +265,16 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                            "world_size": world, "rng_ranks": rng_ranks if world > 1 else None, "vae": vae_ref,
                            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                           "epoch": epoch_done, "step": step, "position": where, "rng": rng}, path)
+                           "epoch": epoch_done, "step": step, "position": where, "rng": rng,
+                           "elapsed": elapsed_before + time.perf_counter() - start}, path)
 
     images = train.images.to(device)
     total_steps = steps_per_epoch * cfg.epochs
     total = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
     bar = tqdm(total=total, initial=min(step, total), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
+    # wall time carries over a resume, so "time" in metrics.jsonl is the run's, not this process's
+    elapsed_before = float(blob.get("elapsed", 0.0)) if blob is not None else 0.0
     start, record, skipped = time.perf_counter(), {}, 0
     with GracefulStop() as stopper:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -343,7 +346,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                       "adversarial_loss": adv_loss if adversary is not None else None,
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": (done - first) * cfg.batch_size
                       / max(time.perf_counter() - epoch_start, 1e-9), "epoch_time": seconds,
-                      "time": time.perf_counter() - start}
+                      "time": elapsed_before + time.perf_counter() - start}
             if not complete:
                 record["partial"] = True
             if skipped:
