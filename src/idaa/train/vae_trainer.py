@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from idaa.analysis.vae_report import write_vae_report
 from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
@@ -79,7 +80,7 @@ def evaluate_vae(vae: VAE, views: torch.Tensor, beta: float, batch_size: int = 5
 
 
 def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
-    """Train, log every epoch to metrics.jsonl, save vae.pt (atomically) and a x / G(x) / R(x) PNG grid."""
+    """Train, log every epoch to metrics.jsonl, save vae.pt (atomically), a x / G(x) / R(x) grid and the report."""
     cfg.validate()
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
@@ -140,6 +141,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
     vae.eval()
     spread = eval_views[:: max(len(eval_views) // 16, 1)][:16]  # held-out sets come sorted by class: stride
     decomposition_grid(vae, spread, train.mean, train.std, out / "reconstructions.png")
+    write_vae_report(vae, eval_views, train.mean, train.std, out)  # vae_report.png / .json
     return result
 
 
