@@ -46,7 +46,7 @@ def test_clean_graph_costs_one_backbone_forward_less(tiny_vae):
         method = fresh()
         method.attack_graph = graph
         calls = []
-        method.backbone.register_forward_hook(lambda *_: calls.append(1))
+        method.backbone.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         compute_losses(method, build_adversary("idaa", vae=tiny_vae, eps=0.1), *torch.randn(2, 8, 3, 32, 32))
         counts[graph] = len(calls)
     assert counts == {"separate": 4, "clean": 3}

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from idaa.errors import IdaaError
 
+ANALYSIS_COMMANDS = ("diagnose", "gallery", "sweep", "plot")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad flags as one line with exit code 2 (its own convention too)."""
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_linear_eval(ev)
     _add_export_report(sub)
 
+    from idaa.analysis.cli_args import add_analysis_parsers
+
+    add_analysis_parsers(sub)  # diagnose, gallery, sweep, plot
+    _add_bench(sub)
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
     d.add_argument("--vae-epochs", type=int, default=10)
@@ -126,7 +132,11 @@ _PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("schedule", str, "cosine or constant"), ("warmup-epochs", int, ""), ("temperature", float, "loss temperature"),
     ("attack-loss", str, "anchored (paper) or symmetric (authors' code)"), ("policy", str, "view policy"),
     ("eps", float, "adversary budget (IDAA 0.15 latent, CLAE 0.03 pixels)"), ("attack-steps", int, "1 = FGSM"),
-    ("attack-step-size", float, ""), ("attack-norm", str, "linf or l2"), ("alpha", float, "weight of L(v1, x')"),
+    ("attack-step-size", float, ""), ("attack-norm", str, "linf or l2"),
+    ("attack-graph", str, "separate (the paper's: x~ through the adversarial BN) or clean (gradient from v1's "
+     "own graph at delta = 0: no extra forward; FGSM only)"),
+    ("attack-fraction", float, "attack only this fraction of each batch (the cheaper mode; default 1)"),
+    ("alpha", float, "weight of L(v1, x')"),
     ("knn-every", int, "online kNN every N epochs (0 = off)"), ("knn-k", int, ""), ("knn-temperature", float, ""),
     ("checkpoint-every", int, "keep epochNNNN.ckpt every N epochs"),
     ("checkpoint-steps", int, "also refresh last.ckpt every N steps (0 = at epoch ends only)"),
@@ -179,6 +189,43 @@ def _pretrain(args: argparse.Namespace) -> None:
     knn = f"  kNN top-1 {result['knn_top1']:.2f}%" if "knn_top1" in result else ""
     print(f"pretrain: epoch {result.get('epoch')}  step {result.get('step')}  loss {result.get('loss', 0):.4f}"
           f"{knn}  -> {cfg.out}")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from idaa.bench import MODES, BenchConfig
+
+    b = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True,
+                                                                       parser_class=_Parser)
+    s = b.add_parser("step", help="per-step time and memory of SimCLR with each adversary, side by side")
+    defaults = BenchConfig()
+    s.add_argument("--backbone", default=defaults.backbone)
+    s.add_argument("--width", type=int, default=None, help="ResNet base width (default: full, 64)")
+    s.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    s.add_argument("--image-size", type=int, default=defaults.image_size)
+    s.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
+    s.add_argument("--modes", default=",".join(defaults.modes), help=f"comma-separated, from {', '.join(MODES)}")
+    s.add_argument("--rounds", type=int, default=defaults.rounds)
+    s.add_argument("--warmup", type=int, default=defaults.warmup)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--json", default=None, help="also write the result as JSON here")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from idaa.bench import BenchConfig, bench_step, format_table
+
+    cfg = BenchConfig(backbone=args.backbone, width=args.width, batch_size=args.batch_size,
+                      image_size=args.image_size, latent_dim=args.latent_dim,
+                      modes=tuple(m for m in args.modes.split(",") if m), rounds=args.rounds, warmup=args.warmup,
+                      device=args.device, precision=args.precision, channels_last=args.channels_last)
+    result = bench_step(cfg)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:
@@ -290,6 +337,12 @@ def _demo(args: argparse.Namespace) -> None:
              progress=not args.no_progress)
 
 
+def _analysis(args: argparse.Namespace) -> None:
+    from idaa.analysis.cli_args import run_analysis
+
+    run_analysis(args)
+
+
 def _semi(args: argparse.Namespace) -> None:
     from idaa.semi.cli_args import run_semi
 
@@ -299,8 +352,8 @@ def _semi(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
-    handlers = {"vae": _vae, "pretrain": _pretrain, "eval": _eval, "demo": _demo, "semi": _semi,
-                "export": _export, "report": _report}
+    handlers = {"vae": _vae, "pretrain": _pretrain, "bench": _bench, "eval": _eval, "demo": _demo, "semi": _semi,
+                "export": _export, "report": _report, **dict.fromkeys(ANALYSIS_COMMANDS, _analysis)}
     try:
         handlers[args.command](args)
     except IdaaError as exc:
