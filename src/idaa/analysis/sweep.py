@@ -201,20 +201,23 @@ def vae_done(job: VAEJob) -> bool:
 
 
 def _call(command: list[str], name: str) -> None:
-    """Run one child process to its end; SIGINT reaches it directly, SIGTERM is forwarded, both let it save."""
-    child = subprocess.Popen(command)
-    forward = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(signal.SIGTERM)) if forward else None
+    """Run one child process to its end; a SIGINT/SIGTERM to the sweep is passed on, so the child saves first.
+
+    The child gets its own session: a terminal's Ctrl-C or a signal to the sweep's process group then reaches it
+    once, through this process, rather than twice (a second signal makes `idaa pretrain` exit without saving).
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    children: list[subprocess.Popen] = []
+    previous = {}
+    if main_thread:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: [c.send_signal(signum) for c in children])
     try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:  # the child got the same SIGINT: wait while it finishes its step and saves
-                continue
+        children.append(subprocess.Popen(command, start_new_session=main_thread))
+        code = children[0].wait()
     finally:
-        if forward:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if abs(code) in (signal.SIGINT, signal.SIGTERM) and code < 0 or code in (130, 143):
         raise SweepStopped(name, code if code > 0 else 128 - code)
     if code != 0:
