@@ -29,15 +29,6 @@ TINY = ["--dataset", "digits", "--limit", "300", "--backbone", "wrn10-1", "--bat
         "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (4-7x on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(argv, capsys):
     try:
         code = main(argv)

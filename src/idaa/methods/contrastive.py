@@ -63,31 +63,30 @@ class ContrastiveMethod(Method):
         return self.pair_loss(state["z1"], self.embed(x_adv, adv=True))
 
 
-class Plain(ContrastiveMethod):
-    """CLAE's Plain: one-directional InfoNCE (Eq. 1) on L2-normalised linear embeddings, tau 0.1."""
+class _LinearHeadMethod(ContrastiveMethod):
+    """CLAE's setting for Plain and UEL: a linear head to 128 dimensions, tau 0.1, CLAE views."""
 
-    name = "plain"
     view_policy = "clae"
     default_temperature = 0.1
 
     def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
                  proj_dim: int = 128) -> None:
         super().__init__(backbone, nn.Linear(backbone.out_dim, proj_dim), temperature, attack_loss)
+
+
+class Plain(_LinearHeadMethod):
+    """CLAE's Plain: one-directional InfoNCE (Eq. 1) on L2-normalised linear embeddings, tau 0.1."""
+
+    name = "plain"
 
     def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return info_nce(z1, z2, self.temperature)
 
 
-class UEL(ContrastiveMethod):
+class UEL(_LinearHeadMethod):
     """Unsupervised embedding learning (Ye et al. 2019): the batch criterion on linear embeddings, tau 0.1."""
 
     name = "uel"
-    view_policy = "clae"
-    default_temperature = 0.1
-
-    def __init__(self, backbone: Backbone, temperature: float | None = None, attack_loss: str = "anchored",
-                 proj_dim: int = 128) -> None:
-        super().__init__(backbone, nn.Linear(backbone.out_dim, proj_dim), temperature, attack_loss)
 
     def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return uel_batch_criterion(z1, z2, self.temperature)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,7 +22,7 @@ from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
-from idaa.train.pretrain import GracefulStop, TrainingStopped
+from idaa.train.pretrain import GracefulStop, TrainingStopped, _rng_state, _seed_everything, _set_rng_state
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
 
 CHECKPOINT_KIND = "idaa-semi"
@@ -141,27 +139,6 @@ def _build(cfg: SemiConfig, labelled: list[int] | None = None) -> _Run:
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps, view_fn=strong)
     return _Run(train, test, split[0], split[1], model, adversary, weak, strong, device)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read_semi_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
