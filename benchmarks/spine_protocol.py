@@ -2,6 +2,8 @@
 
     python benchmarks/spine_protocol.py --data-dir .cache/data/cifar10_jpg --vae runs/vae-cifar10-10k/vae.pt
     python benchmarks/spine_protocol.py ... --method simsiam --adversaries none,idaa   # -> runs/protocol-simsiam
+    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix -clean --extra=--attack-graph=clean
+        # -> runs/protocol/idaa-clean: the same protocol with extra `idaa pretrain` flags
 
 Runs `idaa pretrain --config configs/cpu-protocol-cifar10.yaml` once per adversary (sequentially; a finished run is
 reused and an interrupted one resumed from its last.ckpt, so the script can simply be re-run) and prints a markdown
@@ -40,16 +42,19 @@ def main() -> None:
     parser.add_argument("--idaa-eps", type=float, default=0.1, help="latent eps for idaa (the orientation used 0.1)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", action="append", default=[],
+                        help="an extra `idaa pretrain` argument (repeatable; write --extra=--flag=value)")
+    parser.add_argument("--suffix", default="", help="appended to each run folder's name, to keep variants apart")
     args = parser.parse_args()
     args.out = args.out or ("runs/protocol" if args.method == "simclr" else f"runs/protocol-{args.method}")
 
     rows = []
     for adversary in args.adversaries.split(","):
-        run = Path(args.out) / adversary
+        run = Path(args.out) / (adversary + args.suffix)
         command = [sys.executable, "-m", "idaa", "pretrain", "--config", args.config, "--method", args.method,
                    "--adversary", adversary,
                    "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                   "--out", str(run), "--no-progress"]
+                   "--out", str(run), "--no-progress", *args.extra]
         if adversary in ("idaa", "idaa-nodecomp", "latent-noise"):
             command += ["--vae", args.vae, "--eps", str(args.idaa_eps)]
         record = finished(run, args.epochs)
@@ -61,14 +66,14 @@ def main() -> None:
             print("$ " + " ".join(command), flush=True)
             subprocess.run(command, check=True)
             record = finished(run, args.epochs)
-        rows.append({"adversary": adversary, "knn_top1": record["knn_top1"], "seconds": record["time"]})
+        rows.append({"adversary": adversary + args.suffix, "knn_top1": record["knn_top1"], "seconds": record["time"]})
 
     base = next((r["seconds"] for r in rows if r["adversary"] == "none"), None)
     print(f"\n| {args.method} + | kNN top-1 (%) | wall time (s) | time vs none |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
         print(f"| {r['adversary']} | {r['knn_top1']:.2f} | {r['seconds']:.0f} | {ratio} |")
-    (Path(args.out) / "table.json").write_text(json.dumps(rows, indent=2))
+    (Path(args.out) / f"table{args.suffix}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from idaa.errors import IdaaError
 from idaa.methods import build_method
 from idaa.nets import build_backbone
 from idaa.train.config import resolve_config
-from idaa.train.step import compute_losses
+from idaa.train.step import apply_speedups, compute_losses, to_memory_format
 
 
 def fresh(name="simclr"):
@@ -60,6 +60,51 @@ def test_attack_fraction_attacks_the_first_rows_only(tiny_vae):
     assert losses.x_adv.shape[0] == 2 and torch.isfinite(losses.total)
     losses.total.backward()
     assert all(p.grad is not None for n, p in method.named_parameters() if ".adv." in n)
+
+
+@pytest.mark.parametrize(("channels_last", "compiled"), [(True, False), (False, True)])
+def test_channels_last_and_compile_leave_the_step_unchanged(channels_last, compiled, tiny_vae, monkeypatch):
+    monkeypatch.setenv("IDAA_COMPILE_BACKEND", "aot_eager")  # the graph capture without a C++ toolchain
+    torch._dynamo.reset()
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    adv = build_adversary("idaa", vae=tiny_vae, eps=0.2)
+    results = []
+    for speed in (False, True):
+        method = fresh()
+        if speed:
+            apply_speedups(method, channels_last, compiled)
+            assert list(method.state_dict()) == list(fresh().state_dict()), "parameter names must not change"
+        losses = compute_losses(method, adv, to_memory_format(v1, channels_last and speed),
+                                to_memory_format(v2, channels_last and speed))
+        losses.total.backward()
+        results.append((losses.total.detach(), losses.x_adv.detach(),
+                        {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+    assert results[1][2].keys() == results[0][2].keys()
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    if channels_last:
+        conv = method.backbone.stem[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2, "both BN branches were compiled"
+        torch._dynamo.reset()
+
+
+def test_pretrain_runs_with_channels_last_and_compile(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IDAA_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "96", "--epochs", "1",
+            "--adversary", "clae", "--channels-last", "--compile", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and 0 <= record["knn_top1"] <= 100
+    saved = torch.load(out / "last.ckpt", weights_only=False)
+    assert saved["config"]["compile"] and saved["config"]["channels_last"]
+    assert not any("_orig_mod" in k for k in saved["method"]), "checkpoints keep plain parameter names"
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -24,7 +24,7 @@ from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.methods import build_method
 from idaa.nets import VAE, build_backbone
-from idaa.train.step import compute_losses
+from idaa.train.step import apply_speedups, compute_losses, to_memory_format
 
 # mode -> (adversary, attack_graph, attack_fraction)
 MODES: dict[str, tuple[str, str, float]] = {
@@ -52,6 +52,7 @@ class BenchConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False
     seed: int = 0
 
     def validate(self) -> BenchConfig:
@@ -130,16 +131,15 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
                            device=device)
     views = build_view_policy("simclr", cfg.image_size, (0.5,) * 3, (0.25,) * 3).to(device)
     v1, v2 = views(source), views(source)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    v1, v2 = v1.contiguous(memory_format=memory_format), v2.contiguous(memory_format=memory_format)
+    v1, v2 = to_memory_format(v1, cfg.channels_last), to_memory_format(v2, cfg.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
 
     runners: dict[str, Callable[[], None]] = {}
     for mode in cfg.modes:
         adversary_name, graph, fraction = MODES[mode]
         torch.manual_seed(cfg.seed)
-        method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device)
-        method = method.to(memory_format=memory_format).train()
+        method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device).train()
+        apply_speedups(method, cfg.channels_last, cfg.compile)
         method.attack_graph, method.attack_fraction = graph, fraction
         adversary = None if adversary_name == "none" else build_adversary(adversary_name, vae=vae)
         optimizer = torch.optim.Adam(method.parameters(), lr=1e-4)
@@ -206,7 +206,9 @@ def format_table(result: dict[str, Any]) -> str:
     c = result["config"]
     memory_kind = "peak MB" if c["device"].startswith("cuda") else "saved activations MB"
     lines = [f"{c['backbone']} width {c['width'] or 'full'}, batch {c['batch_size']}, {c['image_size']} px, "
-             f"{c['device']} ({c['threads']} threads), {c['precision']}, median of {c['rounds']} interleaved rounds",
+             f"{c['device']} ({c['threads']} threads), {c['precision']}"
+             f"{', channels_last' if c.get('channels_last') else ''}{', compiled' if c.get('compile') else ''}, "
+             f"median of {c['rounds']} interleaved rounds",
              "", f"| mode | ms/step | x {result['baseline']} | images/s | {memory_kind} | x {result['baseline']} |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:

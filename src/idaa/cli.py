@@ -157,6 +157,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-start", action="store_true", default=None, help="PGD random start in the eps-ball")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on CUDA: batch statistics over all ranks (SyncBatchNorm)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC weights and views (faster convolutions on recent GPUs and CPUs)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the backbone (the first steps pay the compilation)")
     p.add_argument("--download", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -175,7 +179,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.resume and preset is None and args.out and (Path(args.out) / "config.yaml").is_file():
         preset = read_preset(Path(args.out) / "config.yaml")
         preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
-    names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + ["random_start", "sync_bn", "download", "out"]
+    names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + [
+        "random_start", "sync_bn", "channels_last", "compile", "download", "out"]
     overrides = {name: getattr(args, name) for name in names}
     if args.method_option:
         options = dict((preset or {}).get("method_options") or {})
@@ -209,6 +214,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
     s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--compile", action="store_true", help="torch.compile each mode's backbone (warm-up compiles)")
     s.add_argument("--json", default=None, help="also write the result as JSON here")
 
 
@@ -221,7 +227,8 @@ def _bench(args: argparse.Namespace) -> None:
     cfg = BenchConfig(backbone=args.backbone, width=args.width, batch_size=args.batch_size,
                       image_size=args.image_size, latent_dim=args.latent_dim,
                       modes=tuple(m for m in args.modes.split(",") if m), rounds=args.rounds, warmup=args.warmup,
-                      device=args.device, precision=args.precision, channels_last=args.channels_last)
+                      device=args.device, precision=args.precision, channels_last=args.channels_last,
+                      compile=args.compile)
     result = bench_step(cfg)
     print(format_table(result))
     if args.json:

@@ -58,6 +58,8 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
     sync_bn: bool = False
 
     def validate(self) -> PretrainConfig:

@@ -30,7 +30,7 @@ from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.train.config import PretrainConfig
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
-from idaa.train.step import compute_losses
+from idaa.train.step import apply_speedups, compute_losses, to_memory_format
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
 
@@ -182,6 +182,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     train, test = _load_data(cfg)
     _seed_everything(cfg.seed)
     method = build_from_config(dataclasses.asdict(cfg), train.channels).to(device)
+    apply_speedups(method, cfg.channels_last, cfg.compile)
     if rank:  # identical initial weights (DDP broadcasts rank 0's), but each rank draws its own augmentations
         _seed_everything(cfg.seed + 1_000_003 * rank)
     views = build_view_policy(cfg.policy or method.view_policy, train.image_size, train.mean, train.std).to(device)
@@ -292,7 +293,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
             for i in range(first, steps_per_epoch):
                 lo = i * cfg.batch_size + rank * local_batch  # this rank's share of the global batch
                 batch = images[order[lo:lo + local_batch]]
-                v1, v2 = views(batch), views(batch)
+                v1 = to_memory_format(views(batch), cfg.channels_last)
+                v2 = to_memory_format(views(batch), cfg.channels_last)
                 # a skipped step must not leave NaN in BN statistics either: keep the buffers to put back
                 buffers = [b.clone() for b in method.buffers()] if cfg.skip_nonfinite > skipped else None
                 with autocast:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,3 +26,24 @@ def compute_losses(method: nn.Module, adversary: Adversary | None, v1: torch.Ten
     `method` is a Method or the DistributedDataParallel wrapping one; the work is `Method.forward`.
     """
     return StepLosses(*method(v1, v2, adversary, source, alpha))
+
+
+def apply_speedups(method: nn.Module, channels_last: bool = False, compile_backbone: bool = False) -> nn.Module:
+    """Optional step speed-ups: NHWC weights (`channels_last`) and a `torch.compile`d backbone.
+
+    Only the backbone's `features` is compiled (one graph per BN branch: the adversarial flag is a guard), so
+    parameter names, checkpoints and the attack's input gradients are unchanged. The compiler backend is
+    `inductor` unless IDAA_COMPILE_BACKEND names another (e.g. `aot_eager`, which needs no C++ toolchain).
+    """
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    if compile_backbone:
+        backbone = method.backbone
+        backbone.features = torch.compile(backbone.features,
+                                          backend=os.environ.get("IDAA_COMPILE_BACKEND", "inductor"))
+    return method
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the layout the backbone's weights use."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
