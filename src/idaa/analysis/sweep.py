@@ -299,6 +299,7 @@ def plot_param(rows: list[dict[str, Any]], param: str, path: Path) -> Path:
         ax.set_xscale("log")
     if numeric:
         ax.set_xticks(values, [str(v) for v in values])
+        ax.set_xticks([], minor=True)  # a log axis would otherwise label its minor ticks over the swept values
     else:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set(xlabel=param, ylabel="final kNN top-1 (%)", title=f"sweep over {param}")
