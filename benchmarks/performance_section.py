@@ -84,6 +84,8 @@ def command_of(result: dict) -> str:
     c = result["config"]
     words = ["idaa bench step", f"--batch-size {c['batch_size']}", f"--modes {','.join(c['modes'])}",
              f"--rounds {c['rounds']}"]
+    if c["warmup"] != 2:
+        words.append(f"--warmup {c['warmup']}")
     if c["backbone"] != "resnet18-cifar":
         words.append(f"--backbone {c['backbone']}")
     if c["width"]:
