@@ -20,7 +20,7 @@ import torch
 
 from idaa.adversaries import build_adversary
 from idaa.data.views import build_view_policy
-from idaa.devices import resolve_device
+from idaa.devices import resolve_device, tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.methods import build_method
 from idaa.nets import VAE, build_backbone
@@ -121,6 +121,7 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
     """Per-mode median step time, images/s and memory, plus the time to make two SimCLR views of the batch."""
     cfg.validate()
     device = resolve_device(cfg.device)
+    allocator_tuned = tune_cpu_allocator()
     torch.manual_seed(cfg.seed)
     vae = VAE(image_size=cfg.image_size, channels=3, latent_dim=cfg.latent_dim).to(device)
     vae.train()
@@ -196,7 +197,7 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
         r["memory_ratio"] = r["memory_mb"] / base_mem if base_mem else None
     views_ms = 1000 * statistics.median(view_times)
     return {"config": {**cfg.__dict__, "modes": list(cfg.modes), "device": str(device),
-                       "threads": torch.get_num_threads()},
+                       "threads": torch.get_num_threads(), "allocator_tuned": allocator_tuned},
             "baseline": base, "rows": rows, "views_ms": views_ms,
             "views_share_of_baseline_step": views_ms / (views_ms + base_ms)}
 

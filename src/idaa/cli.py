@@ -359,6 +359,9 @@ def _semi(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `idaa` console script; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
+    from idaa.devices import tune_cpu_allocator
+
+    tune_cpu_allocator()  # every command trains or extracts features: keep freed memory for the next step
     handlers = {"vae": _vae, "pretrain": _pretrain, "bench": _bench, "eval": _eval, "demo": _demo, "semi": _semi,
                 "export": _export, "report": _report, **dict.fromkeys(ANALYSIS_COMMANDS, _analysis)}
     try:

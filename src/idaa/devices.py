@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 
 from idaa.errors import IdaaError
@@ -18,3 +22,33 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IdaaError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc mallopt parameters (malloc.h)
+_allocator_tuned: bool | None = None
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed CPU memory in glibc's heap instead of handing it back to the kernel after every step.
+
+    By default glibc serves every block over 32 MB (a ResNet-18 activation at batch 128 is 33.5 MB) with a fresh
+    mmap, so each step page-faults its activations in again: at batch 128 that was 0.7 s of kernel time per plain
+    SimCLR step and 1.4-2.7 s per IDAA step. With mmap off and trimming held back, a step reuses the memory the
+    previous one freed. Linux/glibc only; `IDAA_MALLOC_TUNING=0` leaves the allocator alone. Returns whether it
+    is in effect.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get("IDAA_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    limit = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB free at the top of the heap
+    _allocator_tuned = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, limit)
+                            and mallopt(_M_TOP_PAD, 64 * 2**20))
+    return _allocator_tuned

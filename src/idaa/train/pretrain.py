@@ -24,6 +24,7 @@ from idaa.adversaries import build_adversary
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
+from idaa.devices import tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.evaluate.knn import extract_features, knn_accuracy
 from idaa.methods import Method
@@ -157,6 +158,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     the position inside an interrupted epoch. Raises TrainingStopped after a SIGTERM/SIGINT-triggered save.
     """
     cfg.validate()
+    tune_cpu_allocator()
     created_group = not dist.active()
     device = dist.setup(cfg.device)
     created_group = created_group and dist.active()
