@@ -208,7 +208,8 @@ def format_table(result: dict[str, Any]) -> str:
     memory_kind = "peak MB" if c["device"].startswith("cuda") else "saved activations MB"
     lines = [f"{c['backbone']} width {c['width'] or 'full'}, batch {c['batch_size']}, {c['image_size']} px, "
              f"{c['device']} ({c['threads']} threads), {c['precision']}"
-             f"{', channels_last' if c.get('channels_last') else ''}{', compiled' if c.get('compile') else ''}, "
+             f"{', channels_last' if c.get('channels_last') else ''}{', compiled' if c.get('compile') else ''}"
+             f"{', heap reuse (IDAA_MALLOC_TUNING)' if c.get('allocator_tuned') else ''}, "
              f"median of {c['rounds']} interleaved rounds",
              "", f"| mode | ms/step | x {result['baseline']} | images/s | {memory_kind} | x {result['baseline']} |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
