@@ -2,8 +2,8 @@
 
     idaa bench step --batch-size 64 --modes none,idaa,idaa-clean,idaa-frac0.25,idaa-clean-frac0.25,clae \\
         --json runs/bench/step-b64.json                       # (and -b128, and -b256 with --modes none)
-    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix -clean --extra=--attack-graph=clean
-    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix -frac0.25 --extra=--attack-fraction=0.25
+    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-clean --extra=--attack-graph=clean
+    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-frac0.25 --extra=--attack-fraction=0.25
     python benchmarks/performance_section.py                  # rewrites README.md between the markers
 
 Step tables come from every `runs/bench/step-*.json` (`idaa bench step --json`); the accuracy table from the
@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from idaa.analysis.time_to_accuracy import read_metrics
+from idaa.bench import format_table
 
-from idaa.bench import format_table  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 # protocol variant folder -> (description, the flags that make it)
@@ -36,10 +35,10 @@ VARIANTS = {
 
 
 def last_record(run: Path) -> dict | None:
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
+    """The final metrics record of a finished protocol run, None when the run is missing or has no kNN yet."""
+    if not (run / "metrics.jsonl").is_file():
         return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(run)
     return records[-1] if records and "knn_top1" in records[-1] else None
 
 
@@ -71,7 +70,7 @@ def section(bench_dir: Path, protocol_dir: Path) -> str:
     if rows:
         parts += ["Accuracy of each mode on the CPU protocol (`configs/cpu-protocol-cifar10.yaml`: 10k CIFAR-10 "
                   "images, ResNet-18 at width 16, 15 epochs, IDAA eps 0.1; kNN top-1 on the full test set; "
-                  "`python benchmarks/spine_protocol.py ... --adversaries idaa --suffix -clean "
+                  "`python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-clean "
                   "--extra=--attack-graph=clean` and so on). Wall times are whole runs, one after another on the "
                   "same 2 cores, so they are noisier than the step ratios above:", "",
                   "| run | what | flags | kNN top-1 (%) | wall (s) | time vs none |",

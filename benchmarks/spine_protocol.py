@@ -2,7 +2,7 @@
 
     python benchmarks/spine_protocol.py --data-dir .cache/data/cifar10_jpg --vae runs/vae-cifar10-10k/vae.pt
     python benchmarks/spine_protocol.py ... --method simsiam --adversaries none,idaa   # -> runs/protocol-simsiam
-    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix -clean --extra=--attack-graph=clean
+    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-clean --extra=--attack-graph=clean
         # -> runs/protocol/idaa-clean: the same protocol with extra `idaa pretrain` flags
 
 Runs `idaa pretrain --config configs/cpu-protocol-cifar10.yaml` once per adversary (sequentially; a finished run is
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", action="append", default=[],
                         help="an extra `idaa pretrain` argument (repeatable; write --extra=--flag=value)")
-    parser.add_argument("--suffix", default="", help="appended to each run folder's name, to keep variants apart")
+    parser.add_argument("--suffix", default="",
+                        help="appended to each run folder's name, to keep variants apart (write --suffix=-name)")
     args = parser.parse_args()
     args.out = args.out or ("runs/protocol" if args.method == "simclr" else f"runs/protocol-{args.method}")
 
