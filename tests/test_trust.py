@@ -192,7 +192,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
 
 DOUBLE_SIGNAL = """
 import os, signal, time
-from idaa.train.pretrain import GracefulStop
+from idaa.train.state import GracefulStop
 with GracefulStop() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)

@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"idaa: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from idaa.train.pretrain import TrainingStopped
+        from idaa.train.state import TrainingStopped
 
         if not isinstance(exc, TrainingStopped):
             raise

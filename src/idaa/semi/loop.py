@@ -22,8 +22,8 @@ from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
-from idaa.train.pretrain import GracefulStop, TrainingStopped, _rng_state, _seed_everything, _set_rng_state
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
+from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_KIND = "idaa-semi"
 # Running sums kept on the device between evaluations (one host sync per interval, not per step).
@@ -128,7 +128,7 @@ def _build(cfg: SemiConfig, labelled: list[int] | None = None) -> _Run:
     if labelled is not None:  # resuming: the saved split is the truth; it must still index this dataset
         if labelled != split[0].tolist():
             raise IdaaError("the saved labelled split does not match the dataset any more; start a new run")
-    _seed_everything(cfg.seed)  # same seed, same initial weights for FixMatch and the supervised baseline
+    seed_everything(cfg.seed)  # same seed, same initial weights for FixMatch and the supervised baseline
     backbone = build_backbone(cfg.backbone, width=cfg.width, in_channels=train.channels)
     model = Classifier(backbone, num_classes).to(device)
     weak, strong = (build_view_policy(name, train.image_size, train.mean, train.std).to(device)
@@ -176,7 +176,7 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
         for name, stream in streams.items():
             stream.load_state_dict(blob["streams"][name])
         step, elapsed = blob["step"], blob["elapsed"]
-        _set_rng_state(blob["rng"])
+        set_rng_state(blob["rng"])
     out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     write_config(out / "config.yaml", {"command": "semi", **cfg.to_dict()})
     save_split(out / SPLIT_FILE, run.labelled, run.unlabelled,
@@ -220,7 +220,7 @@ def _checkpoint(cfg: SemiConfig, run: _Run, state: dict[str, Any]) -> dict[str, 
     data = {"name": run.train.name, "image_size": run.train.image_size, "channels": run.train.channels,
             "mean": list(run.train.mean), "std": list(run.train.std), "classes": list(run.train.classes)}
     return {"kind": CHECKPOINT_KIND, "config": cfg.to_dict(), "data": data, "labelled": run.labelled.tolist(),
-            **state, "rng": _rng_state()}
+            **state, "rng": rng_state()}
 
 
 def _evaluate(run: _Run, ema: EMA) -> dict[str, float]:

@@ -5,17 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import random
-import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,11 +20,12 @@ from idaa.data.datasets import ImageDataset, load_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import tune_cpu_allocator
 from idaa.errors import IdaaError
-from idaa.evaluate.knn import extract_features, knn_accuracy
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.train.config import PretrainConfig
+from idaa.train.monitor import KNNMonitor
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
+from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 from idaa.train.step import apply_speedups, compute_losses, to_memory_format
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
@@ -55,45 +50,6 @@ def build_optimizer(cfg: PretrainConfig, method: Method, steps_per_epoch: int) -
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class KNNMonitor:
-    """Online kNN accuracy: training images (eval view) as the bank, the test split as queries."""
-
-    def __init__(self, train: ImageDataset, test: ImageDataset, cfg: PretrainConfig, device: torch.device) -> None:
-        self.train, self.test, self.cfg, self.device = train, test, cfg, device
-        self.view = build_view_policy("eval", train.image_size, train.mean, train.std).to(device)
-        self.num_classes = max(len(train.classes), int(train.labels.max()) + 1)
-
-    def __call__(self, method: Method) -> float:
-        was_training = method.training
-        method.eval()
-        bank = extract_features(method.embed_for_eval, self.train.images, self.view, self.device)
-        queries = extract_features(method.embed_for_eval, self.test.images, self.view, self.device)
-        method.train(was_training)
-        return knn_accuracy(bank, self.train.labels.to(self.device), queries, self.test.labels, self.num_classes,
-                            self.cfg.knn_k, self.cfg.knn_temperature)
-
-
 def _load_data(cfg: PretrainConfig) -> tuple[ImageDataset, ImageDataset | None]:
     train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
     if cfg.limit is not None:
@@ -106,40 +62,6 @@ def _load_data(cfg: PretrainConfig) -> tuple[ImageDataset, ImageDataset | None]:
         test = None
     labelled = test is not None and bool((train.labels >= 0).all()) and bool((test.labels >= 0).all())
     return train, test if labelled else None
-
-
-class TrainingStopped(Exception):
-    """A signal stopped the run after a completed step; the checkpoint to resume from has been written."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; saved {checkpoint}; continue with --resume")
-        self.signum = signum
-
-
-class GracefulStop:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\nidaa: {signal.Signals(signum).name} received: finishing this step and saving "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _file_sha256(path: str | Path) -> str:
@@ -182,11 +104,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
         raise IdaaError(f"cannot resume: '{last_path}' does not exist")
     blob = read_checkpoint(last_path, map_location=device) if resume else None
     train, test = _load_data(cfg)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     method = build_from_config(dataclasses.asdict(cfg), train.channels).to(device)
     apply_speedups(method, cfg.channels_last, cfg.compile)
     if rank:  # identical initial weights (DDP broadcasts rank 0's), but each rank draws its own augmentations
-        _seed_everything(cfg.seed + 1_000_003 * rank)
+        seed_everything(cfg.seed + 1_000_003 * rank)
     views = build_view_policy(cfg.policy or method.view_policy, train.image_size, train.mean, train.std).to(device)
     vae, vae_ref = None, None
     if cfg.adversary in VAE_ADVERSARIES:
@@ -234,11 +156,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
         start_epoch = position["epoch"] if position else blob["epoch"] + 1
         ranks = blob.get("rng_ranks") or [blob["rng"]]
         if len(ranks) == world:
-            _set_rng_state(ranks[rank])
+            set_rng_state(ranks[rank])
         else:  # another world size: rank 0 continues its stream, the others start fresh ones
-            _set_rng_state(blob["rng"])
+            set_rng_state(blob["rng"])
             if rank:
-                _seed_everything(cfg.seed + 1_000_003 * rank + step)
+                seed_everything(cfg.seed + 1_000_003 * rank + step)
     out, failure = Path(cfg.out), None
     if main:  # only rank 0 touches the run folder; a refusal there stops every rank
         try:
@@ -337,8 +259,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                     break
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and done < steps_per_epoch:
                     seconds = prior + time.perf_counter() - epoch_start
-                    save(last_path, epoch - 1, _rng_state(), _where(epoch, done, order, sums, seen, seconds))
-            rng = _rng_state()  # before any evaluation, so a resumed run draws what this one would have
+                    save(last_path, epoch - 1, rng_state(), _where(epoch, done, order, sums, seen, seconds))
+            rng = rng_state()  # before any evaluation, so a resumed run draws what this one would have
             seconds = prior + time.perf_counter() - epoch_start
             complete = done == steps_per_epoch
             where = None if complete else _where(epoch, done, order, sums, seen, seconds)
