@@ -105,20 +105,24 @@ class ImageDataset:
         """Seeded random subset of n samples, spread evenly over labels so small subsets stay balanced."""
         if not 0 <= n <= len(self):
             raise DataError(f"cannot take {n} samples from {self.name} with {len(self)} samples")
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(self), generator=gen)
-        groups, group_of = torch.unique(self.labels, return_inverse=True)
-        group_order = torch.randperm(len(groups), generator=gen)
-        shuffled_groups = group_of[perm]
-        # rank of each shuffled sample within its own group: 0 for the first one met, 1 for the next, ...
-        order = torch.argsort(shuffled_groups, stable=True)
-        rank = torch.empty_like(order)
-        counts = torch.bincount(shuffled_groups, minlength=len(groups))
-        starts = torch.cumsum(counts, 0) - counts
-        rank[order] = torch.arange(len(order)) - starts[shuffled_groups[order]]
-        key = rank * len(groups) + group_order[shuffled_groups]
-        chosen = perm[torch.argsort(key)[:n]]
-        return self.subset(torch.sort(chosen).values)
+        return self.subset(balanced_indices(self.labels, n, seed))
+
+
+def balanced_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a seeded random subset of n samples, spread evenly over labels (see ImageDataset.take)."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=gen)
+    groups, group_of = torch.unique(labels, return_inverse=True)
+    group_order = torch.randperm(len(groups), generator=gen)
+    shuffled_groups = group_of[perm]
+    # rank of each shuffled sample within its own group: 0 for the first one met, 1 for the next, ...
+    order = torch.argsort(shuffled_groups, stable=True)
+    rank = torch.empty_like(order)
+    counts = torch.bincount(shuffled_groups, minlength=len(groups))
+    starts = torch.cumsum(counts, 0) - counts
+    rank[order] = torch.arange(len(order)) - starts[shuffled_groups[order]]
+    key = rank * len(groups) + group_order[shuffled_groups]
+    return torch.sort(perm[torch.argsort(key)[:n]]).values
 
 
 def _default_data_dir() -> Path:

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from idaa.errors import IdaaError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 
 # Globals a CIFAR pickle may reference; anything else is refused so a hostile pickle cannot run code.
 _PICKLE_GLOBALS = {
@@ -139,17 +138,10 @@ def scan_labelled(
 
 
 def _open_rgb(path: Path) -> np.ndarray:
-    """Decode one image file to an H x W x 3 uint8 array, naming the file if it is unreadable."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode != "RGB":
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")
-                img = img.convert("RGB")
-            return np.asarray(img)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DataError(f"cannot read image '{path}': {_reason(exc)}") from exc
+    """Decode one image file to an H x W x 3 uint8 array (EXIF-oriented, any mode to RGB), naming it if unreadable."""
+    from idaa.data.streaming import open_rgb  # the one decoder of both paths (lazy: streaming imports this module)
+
+    return np.asarray(open_rgb(path))
 
 
 def _size_error(first: Path, first_shape: tuple, other: Path, other_shape: tuple) -> DataError:

@@ -117,6 +117,12 @@ def _crop_flip(x: Tensor, size: int, scale: tuple[float, float], flip_p: float =
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _flip(x: Tensor, flip_p: float = _FLIP_P) -> Tensor:
+    """Horizontal flip of each sample with probability flip_p (the crop is already done)."""
+    on = (torch.rand(x.shape[0], device=x.device) < flip_p).view(-1, 1, 1, 1)
+    return torch.where(on, x.flip(3), x)
+
+
 def _pad_crop_flip(x: Tensor, flip_p: float = _FLIP_P, frac: float = 0.125) -> Tensor:
     """FixMatch weak view: flip + integer shift of up to ``frac`` of the size by reflect pad-and-crop."""
     # Two integer gathers on the padded batch: exact (no interpolation) and per-sample, unlike a fixed crop.
@@ -307,8 +313,13 @@ def _cutout(x: Tensor, frac: float = 0.5) -> Tensor:
 class ViewPolicy(torch.nn.Module):
     """Random augmentation A(x): uint8 N x C x H x W -> float32 N x C x size x size, same device."""
 
-    def __init__(self, policy: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Configure one of :data:`POLICIES` at output resolution ``image_size`` with normalisation stats."""
+    def __init__(self, policy: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 crop: bool = True) -> None:
+        """Configure one of :data:`POLICIES` at output resolution ``image_size`` with normalisation stats.
+
+        ``crop=False`` is the colour-only mode for batches that already are random-resized crops (streamed
+        data): a cropping policy then only flips, jitters and greys them.
+        """
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown view policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -316,13 +327,13 @@ class ViewPolicy(torch.nn.Module):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError(f"mean/std must have equal length and std > 0, got {mean!r} / {std!r}")
-        self.policy, self.image_size = policy, int(image_size)
+        self.policy, self.image_size, self.crop = policy, int(image_size), bool(crop)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
     def extra_repr(self) -> str:
         """Show the policy and size when printed."""
-        return f"policy={self.policy!r}, image_size={self.image_size}"
+        return f"policy={self.policy!r}, image_size={self.image_size}" + ("" if self.crop else ", crop=False")
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -333,7 +344,9 @@ class ViewPolicy(torch.nn.Module):
             raise ValueError(f"{self.mean.shape[0]} mean/std values for {x.shape[1]}-channel images")
         if x.shape[0] == 0:
             return x.new_empty(0, x.shape[1], size, size)
-        if self.policy in _CROP_SCALE:
+        if self.policy in _CROP_SCALE and not self.crop:
+            x = _random_grayscale(_color_jitter(_flip(_resize(x, size))))
+        elif self.policy in _CROP_SCALE:
             x = _crop_flip(x, size, _CROP_SCALE[self.policy])
             x = _random_grayscale(_color_jitter(x))
         elif self.policy == "eval":
@@ -347,9 +360,14 @@ class ViewPolicy(torch.nn.Module):
 
 
 def build_view_policy(
-    policy: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+    policy: str, image_size: int, mean: Sequence[float], std: Sequence[float], crop: bool = True
 ) -> ViewPolicy:
     """Factory used by the training/eval code; unknown names raise ValueError listing :data:`POLICIES`."""
     if policy not in POLICIES:
         raise ValueError(f"unknown view policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    return ViewPolicy(policy, image_size, mean, std)
+    return ViewPolicy(policy, image_size, mean, std, crop)
+
+
+def crop_scale(policy: str) -> tuple[float, float] | None:
+    """The random-resized-crop area range of a cropping policy (None for the others), for crops made elsewhere."""
+    return _CROP_SCALE.get(policy)

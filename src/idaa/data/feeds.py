@@ -1,0 +1,124 @@
+"""Training batches from either source, so the training loops stay one loop: `make_feed(...).batches(epoch, order)`.
+
+In memory, a batch is a slice of the device tensor and the view policy crops it on the device. Streamed, each
+sample's random-resized crops (one per view) are made in DataLoader workers from the full-resolution file and
+the view policy only adds flip and colour (`crop=False`). Either way a batch's rows are `order[lo:lo + local]`
+for this rank, so data-parallel ranks read disjoint shares of the epoch and a resume continues at any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from idaa import distributed as dist
+from idaa.data.datasets import ImageDataset
+from idaa.data.formats import DataError
+from idaa.data.sources import Dataset, StreamingDataset
+from idaa.data.streaming import EpochBatches, image_loader
+from idaa.data.views import crop_scale
+
+__all__ = ["Batch", "StreamFeed", "TensorFeed", "make_feed"]
+
+
+class Batch(NamedTuple):
+    """uint8 images for the first view, the second view and the source of extra views (random-view), + indices."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    source: torch.Tensor
+    index: torch.Tensor
+
+
+class TensorFeed:
+    """Batches sliced from the whole dataset held on the device; the view policy does all of the cropping."""
+
+    crops = False  # batches are whole images: views crop them
+
+    def __init__(self, data: ImageDataset, device: torch.device, batch_size: int, local_batch: int,
+                 rank: int = 0) -> None:
+        self.images = data.images.to(device)
+        self.batch_size, self.local_batch, self.rank = batch_size, local_batch, rank
+        self.failure: str | None = None
+
+    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
+        """The epoch's batches for this rank from batch `first` on."""
+        for i in range(first, len(order) // self.batch_size):
+            lo = i * self.batch_size + self.rank * self.local_batch
+            rows = order[lo:lo + self.local_batch]
+            batch = self.images[rows]
+            yield Batch(batch, batch, batch, rows)
+
+    def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
+        """Nothing to report for data in memory."""
+        return {}
+
+
+class StreamFeed:
+    """Batches of crops decoded from files in DataLoader workers, seeded by (seed, epoch, index, view)."""
+
+    def __init__(self, data: StreamingDataset, device: torch.device, batch_size: int, local_batch: int,
+                 rank: int = 0, policy: str = "simclr", views: int = 2) -> None:
+        self.scale = crop_scale(policy)
+        self.crops = self.scale is not None  # without a crop policy (FixMatch views) the worker centre-crops
+        self.views = views if self.crops else 1
+        self.data, self.device = data, device
+        self.batch_size, self.local_batch, self.rank = batch_size, local_batch, rank
+        self.sampler = EpochBatches()
+        self.dataset = data.crop_dataset(self.scale, self.views)
+        self.loader = image_loader(self.dataset, self.sampler, data.options.num_workers, device)
+        self.failure: str | None = None
+        self.skipped: list[str] = []
+
+    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
+        """The epoch's batches for this rank from batch `first` on; stops early (setting `failure`) on a bad file."""
+        order = order.cpu()
+        rows = [order[i * self.batch_size + self.rank * self.local_batch:][:self.local_batch].tolist()
+                for i in range(first, len(order) // self.batch_size)]
+        self.sampler.set(epoch if self.crops else None, rows)
+        self.failure = None
+        for crops, _, index, errors in self.loader:
+            bad = [e for e in errors if e]
+            if self.data.options.bad_images == "error":
+                if dist.max_int(int(bool(bad)), self.device):  # every rank stops at the same step
+                    self.failure = bad[0] if bad else "another process met an unreadable image"
+                    return
+            elif bad:
+                self.skipped += bad
+                keep = torch.tensor([not e for e in errors])
+                crops, index = crops[keep], index[keep]
+            crops = crops.to(self.device, non_blocking=True)
+            if not self.crops:
+                yield Batch(crops, crops, crops, index)
+            else:
+                yield Batch(crops[:, 0], crops[:, 1 % self.views], crops[:, -1], index)
+
+    def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
+        """Report (and reset) the images skipped this epoch under --bad-images skip."""
+        if not self.skipped:
+            return {}
+        count, self.skipped = len(self.skipped), []
+        write(f"idaa: warning: skipped {count} unreadable image(s) this epoch")
+        return {"bad_images": count}
+
+
+def make_feed(data: Dataset, device: torch.device, batch_size: int, local_batch: int | None = None,
+              rank: int = 0, policy: str = "simclr", views: int = 2) -> TensorFeed | StreamFeed | Any:
+    """The feed for `data`: in memory or streamed; `views` crops per sample when streaming (3 for random-view)."""
+    local_batch = local_batch or batch_size
+    if not isinstance(data, ImageDataset | StreamingDataset):  # a shard folder: its shards decide the order
+        from idaa.data.shards import ShardFeed
+
+        options = data.options
+        return ShardFeed(data, device, local_batch, rank, dist.world_size(), crop_scale(policy), views,
+                         options.num_workers, options.seed, options.bad_images)
+    if isinstance(data, StreamingDataset):
+        return StreamFeed(data, device, batch_size, local_batch, rank, policy, views)
+    return TensorFeed(data, device, batch_size, local_batch, rank)
+
+
+def stopped_by_bad_image(failure: str, checkpoint: str) -> DataError:
+    """The one-line error of a run stopped by an unreadable file, saying how to continue."""
+    return DataError(f"{failure}; saved {checkpoint}: replace the file, or pass --bad-images skip, then --resume")

@@ -1,0 +1,221 @@
+"""Streaming image decoding: files decoded in DataLoader workers into fixed-size uint8 crops, never held whole.
+
+A sample's random-resized crops are drawn from the full-resolution image (EXIF orientation applied) with
+randomness derived from (seed, epoch, index, view) alone, so 0, 1 or N workers, and a run resumed mid-epoch,
+see the same crops. JPEGs are decoded at the smallest scale (Pillow's draft: 1/2, 1/4, 1/8) that still gives
+every crop at least its output resolution. The colour part of the views stays on the device (`views.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from idaa.data.formats import DataError
+
+__all__ = ["BAD_IMAGES", "CropDataset", "EpochBatches", "center_crop", "crop_views", "default_workers",
+           "image_loader", "open_rgb", "oriented_size"]
+
+BAD_IMAGES = ("error", "skip")
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's aspect-ratio range
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+Source = str | Path | BinaryIO
+
+
+def default_workers() -> int:
+    """Decoding processes when --workers is not given: the cores this process may use, less one for training."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+
+def _name(source: Source) -> str:
+    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "<file object>"))
+
+
+def _lazy(source: Source) -> Image.Image:
+    """Open without decoding: size, mode and EXIF are read from the header only."""
+    try:
+        return Image.open(source)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read image '{_name(source)}': {reason}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block is no reason to refuse the pixels
+        return 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after the EXIF orientation, from the header of a lazily opened image."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in _SWAPS_AXES else (w, h)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to RGB: EXIF transpose, 16-bit and float scaled to 8 bits, palette/alpha/CMYK converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNG/TIFF: keep the top 8 bits, not a clip
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")  # alpha dropped, as torchvision's loader does
+
+
+def _decode(img: Image.Image, name: str, request: tuple[int, int] | None) -> Image.Image:
+    """Decode a lazily opened image to RGB; `request` (stored orientation) lets a JPEG decode at a reduced scale."""
+    try:
+        if request is not None:
+            img.draft(img.mode, request)  # a no-op except for JPEG
+        img.load()
+        return _to_rgb(img)
+    except Exception as exc:  # truncated data, bad chunks, decoder errors...
+        raise DataError(f"cannot read image '{name}': {' '.join(str(exc).split()) or type(exc).__name__}") from None
+
+
+def _request(img: Image.Image, factor: float) -> tuple[int, int] | None:
+    """Draft size (stored orientation) for decoding at `factor` of the full resolution (None: full)."""
+    if factor >= 1:
+        return None
+    w, h = img.size
+    return max(1, math.ceil(w * factor)), max(1, math.ceil(h * factor))
+
+
+def open_rgb(source: Source, min_side: int | None = None) -> Image.Image:
+    """Decode an image file (or file object) to RGB with EXIF orientation applied; raises DataError naming it.
+
+    With `min_side`, a JPEG is decoded at the smallest draft scale whose shorter side is still >= min_side.
+    """
+    img = _lazy(source)
+    request = None if min_side is None else _request(img, min_side / max(1, min(img.size)))
+    return _decode(img, _name(source), request)
+
+
+def crop_boxes(width: int, height: int, rng: np.random.Generator,
+               scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop box (x0, y0, w, h): 10 tries at area in `scale`, log-uniform aspect."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(_RATIO[0]), math.log(_RATIO[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= width and 0 < ch <= height:
+            return int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1)), cw, ch
+    cw, ch = width, height  # fallback: centre crop with the aspect clamped into range
+    if width / height < _RATIO[0]:
+        ch = round(width / _RATIO[0])
+    elif width / height > _RATIO[1]:
+        cw = round(height * _RATIO[1])
+    return (width - cw) // 2, (height - ch) // 2, cw, ch
+
+
+def _resized(img: Image.Image, box: Sequence[float], full: tuple[int, int], size: int) -> np.ndarray:
+    """The box (full-resolution coordinates) of a possibly draft-reduced image, resized to 3 x size x size."""
+    fx, fy = img.size[0] / full[0], img.size[1] / full[1]
+    x0, y0, cw, ch = box
+    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(x0 * fx, y0 * fy, (x0 + cw) * fx, (y0 + ch) * fy))
+    return np.asarray(out).transpose(2, 0, 1)  # numpy, not torch: a tiny strided copy in torch costs milliseconds
+
+
+def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, size: int,
+               scale: tuple[float, float], views: int) -> torch.Tensor:
+    """`views` random-resized crops (views x 3 x size x size uint8) of one image, seeded by (seed, epoch, index, view).
+
+    `image` is a decoded PIL image or a file (path or file object); a file is decoded once, at the smallest
+    JPEG draft scale at which every crop still has >= size pixels on each side.
+    """
+    if isinstance(image, Image.Image):
+        img: Image.Image | None = _to_rgb(image)
+        full = img.size
+    else:
+        img, lazy = None, _lazy(image)
+        full = oriented_size(lazy)
+    boxes = [crop_boxes(full[0], full[1], np.random.default_rng([seed % 2**63, epoch, index, view]), scale)
+             for view in range(views)]
+    if img is None:
+        img = _decode(lazy, _name(image), _request(lazy, size / max(1, min(min(b[2], b[3]) for b in boxes))))
+    return torch.from_numpy(np.stack([_resized(img, box, full, size) for box in boxes]))
+
+
+def center_crop(image: Image.Image | Source, size: int) -> torch.Tensor:
+    """Evaluation transform: shorter side resized to `size`, centre size x size crop (3 x size x size uint8)."""
+    img = _to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image, min_side=size)
+    w, h = img.size
+    side = min(w, h)
+    return torch.from_numpy(np.ascontiguousarray(_resized(img, ((w - side) / 2, (h - side) / 2, side, side), (w, h),
+                                                          size)))
+
+
+def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, device: torch.device,
+                 prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """A DataLoader for `dataset` over a batch sampler; pinned memory on CUDA, persistent prefetching workers.
+
+    It has its own generator, so creating an iterator never draws from the global torch RNG (bit-exact resume).
+    """
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=device.type == "cuda", generator=torch.Generator(), **extra)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Files -> uint8 crops: keys are (epoch, index) for `views` random crops, or an index for the centre crop.
+
+    A sample is (crops, label, index, error): an unreadable file gives zero pixels and the error message, so
+    the caller decides between stopping and skipping without a worker traceback.
+    """
+
+    def __init__(self, files: Sequence[str | Path], labels: Sequence[int], size: int, seed: int = 0,
+                 scale: tuple[float, float] | None = None, views: int = 1) -> None:
+        # one byte buffer + offsets: worker processes read it without copy-on-write page duplication
+        encoded = [os.fsencode(str(f)) for f in files]
+        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.size, self.seed, self.scale, self.views = size, seed, scale, views
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, index: int) -> str:
+        """The file of sample `index`."""
+        start = int(self._ends[index - 1]) if index else 0
+        return os.fsdecode(self._paths[start:int(self._ends[index])].tobytes())
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, str]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        shape = (self.views, 3, self.size, self.size) if self.scale else (3, self.size, self.size)
+        try:
+            if self.scale is None:
+                crops = center_crop(self.path(index), self.size)
+            else:
+                crops = crop_views(self.path(index), index, epoch, self.seed, self.size, self.scale, self.views)
+        except DataError as exc:
+            return torch.zeros(shape, dtype=torch.uint8), int(self.labels[index]), index, str(exc)
+        return crops, int(self.labels[index]), index, ""
+
+
+class EpochBatches:
+    """Batch sampler over an explicit list of index batches, set before each pass (keys carry the epoch)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.rows = 0, []
+
+    def set(self, epoch: int | None, rows: list[list[int]]) -> None:
+        """The batches of the next pass; with an epoch, keys are (epoch, index) for seeded random crops."""
+        self.epoch, self.rows = epoch, rows
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for row in self.rows:
+            yield [(self.epoch, i) for i in row] if self.epoch is not None else list(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)

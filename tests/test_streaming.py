@@ -1,0 +1,186 @@
+"""Streaming image source: decoding (modes, EXIF, draft), seeded crops, worker-independent batches, DDP shares."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from idaa.data.datasets import ImageDataset
+from idaa.data.feeds import StreamFeed, make_feed
+from idaa.data.formats import DataError
+from idaa.data.sources import StreamingDataset, StreamOptions, open_dataset
+from idaa.data.streaming import center_crop, crop_views, open_rgb
+from idaa.data.views import build_view_policy
+
+
+def noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def smooth(w: int, h: int) -> Image.Image:
+    """A gradient: crops of it decoded at different scales must agree closely (noise would not)."""
+    x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+    return Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
+
+
+def mixed_folder(root: Path, per_class: int = 6, split: bool = True) -> Path:
+    """train/ and test/ with two classes of JPEGs and PNGs of different sizes."""
+    rng = np.random.default_rng(0)
+    for part in ("train", "test") if split else ("",):
+        for c in ("cat", "dog"):
+            folder = root / part / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = (int(v) for v in rng.integers(24, 80, 2))
+                noise(w, h, seed=i).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def test_any_mode_becomes_rgb_with_exif_orientation(tmp_path: Path) -> None:
+    noise(20, 10).convert("L").save(tmp_path / "grey.png")
+    noise(20, 10).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    noise(20, 10).convert("RGBA").save(tmp_path / "alpha.png")
+    noise(20, 10).convert("P").save(tmp_path / "palette.png", transparency=0)
+    Image.fromarray(np.full((10, 20), 40000, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey
+    for name in ("grey.png", "cmyk.jpg", "alpha.png", "palette.png", "deep.png"):
+        img = open_rgb(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (20, 10), name
+    assert abs(int(np.asarray(open_rgb(tmp_path / "deep.png"))[0, 0, 0]) - 40000 // 256) <= 1  # scaled, not clipped
+    # 40 x 20, left half red, right half blue, stored with "rotate 90 clockwise to display" (orientation 6)
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20, 0], pixels[:, 20:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    shown = np.asarray(open_rgb(tmp_path / "rotated.jpg"))
+    assert shown.shape == (40, 20, 3)
+    assert shown[2, 10, 0] > 200 and shown[-3, 10, 2] > 200  # left went to the top, right to the bottom
+    crops = crop_views(tmp_path / "rotated.jpg", 0, 0, 0, 8, (0.9, 1.0), 1)
+    assert crops[0, 0, 0].float().mean() > 150 and crops[0, 2, -1].float().mean() > 150  # crops see it upright
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(DataError, match="text.jpg"):
+        open_rgb(tmp_path / "text.jpg")
+
+
+def test_draft_decoding_and_seeded_crops(tmp_path: Path) -> None:
+    smooth(1600, 1200).save(tmp_path / "big.jpg", quality=95)
+    reduced = open_rgb(tmp_path / "big.jpg", min_side=100)
+    assert 100 <= min(reduced.size) < 1200 // 4  # decoded at 1/8, not at full size
+    full = open_rgb(tmp_path / "big.jpg")
+    a = crop_views(tmp_path / "big.jpg", index=3, epoch=1, seed=7, size=32, scale=(0.08, 1.0), views=2)
+    b = crop_views(full, index=3, epoch=1, seed=7, size=32, scale=(0.08, 1.0), views=2)
+    assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
+    assert (a.float() - b.float()).abs().mean() < 3  # the same boxes, whatever the decode scale
+    assert torch.equal(a, crop_views(tmp_path / "big.jpg", 3, 1, 7, 32, (0.08, 1.0), 2))
+    assert not torch.equal(a, crop_views(tmp_path / "big.jpg", 3, 2, 7, 32, (0.08, 1.0), 2))  # next epoch
+    assert not torch.equal(a[0], a[1])  # two independent views
+    with open(tmp_path / "big.jpg", "rb") as handle:  # file objects too (shards)
+        assert torch.equal(center_crop(handle, 16), center_crop(tmp_path / "big.jpg", 16))
+
+
+def test_center_crop_keeps_the_middle_of_the_shorter_side(tmp_path: Path) -> None:
+    pixels = np.zeros((30, 90, 3), np.uint8)
+    pixels[:, 30:60] = 255  # only the middle third is white
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    crop = center_crop(tmp_path / "wide.png", 12)
+    assert crop.shape == (3, 12, 12) and crop[:, :, 1:-1].min() == 255
+
+
+def test_source_choice_listing_cache_and_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uniform = tmp_path / "uniform"
+    for i in range(4):
+        (uniform / "a").mkdir(parents=True, exist_ok=True)
+        noise(16, 16, seed=i).save(uniform / "a" / f"{i}.png")
+    assert isinstance(open_dataset("folder", uniform), ImageDataset)  # small uniform data stays in memory
+    streamed = open_dataset("folder", uniform, options=StreamOptions(stream=True))
+    assert isinstance(streamed, StreamingDataset) and streamed.image_size == 16
+    assert isinstance(open_dataset("folder", uniform, options=StreamOptions(image_size=32)), StreamingDataset)
+    with pytest.raises(DataError, match="--stream needs image files"):
+        open_dataset("digits", options=StreamOptions(stream=True))
+    root = mixed_folder(tmp_path / "mixed")
+    train = open_dataset("folder", root, options=StreamOptions(image_size=24, workers=0))
+    test = open_dataset("folder", root, "test", options=StreamOptions(workers=0), like=train)
+    assert isinstance(train, StreamingDataset) and (train.image_size, test.image_size) == (24, 24)
+    assert test.mean == train.mean and 0.3 < train.mean[0] < 0.7 and train.classes == ["cat", "dog"]
+    assert (root / ".idaa-listing-train.json").is_file()
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("header re-read")))
+    again = open_dataset("folder", root, options=StreamOptions(image_size=24, workers=0))  # headers + stats cached
+    assert again.mean == train.mean and again.files == train.files
+    monkeypatch.undo()
+    images = train.images
+    assert images.shape == (12, 3, 24, 24) and len(images[[0, 5]]) == 2
+    crops = torch.cat(list(images.split(5)))
+    assert torch.equal(crops[7], center_crop(train.files[7], 24))
+    assert torch.equal(images[np.array([7])].to("cpu")[0], crops[7])
+    sub = train.take(4, seed=0)
+    assert len(sub) == 4 and sorted(sub.labels.tolist()) == [0, 0, 1, 1]
+
+
+def epoch_batches(feed: StreamFeed, epoch: int, order: torch.Tensor, first: int = 0) -> list[torch.Tensor]:
+    return [torch.stack([b.first, b.second, b.source], 1) for b in feed.batches(epoch, order, first)]
+
+
+def test_same_crops_with_0_and_2_workers(tmp_path: Path) -> None:
+    root = mixed_folder(tmp_path)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    feeds = [make_feed(open_dataset("folder", root, options=StreamOptions(image_size=16, workers=w)),
+                       torch.device("cpu"), 4, views=3) for w in (0, 2)]
+    assert all(isinstance(f, StreamFeed) and f.crops for f in feeds)
+    zero, two = epoch_batches(feeds[0], 1, order), epoch_batches(feeds[1], 1, order)
+    assert len(zero) == 3 and all(torch.equal(a, b) for a, b in zip(zero, two, strict=True))
+    assert not torch.equal(zero[0][:, 0], zero[0][:, 1])  # views differ
+    assert all(torch.equal(a, b) for a, b in zip(zero[1:], epoch_batches(feeds[1], 1, order, first=1), strict=True))
+    assert not torch.equal(zero[0], epoch_batches(feeds[0], 2, order)[0])  # a new epoch, new crops
+    colour = build_view_policy("simclr", 16, (0.5,) * 3, (0.25,) * 3, crop=False)
+    assert colour(zero[0][:, 0]).shape == (4, 3, 16, 16)
+
+
+DDP_CASE = '''
+import sys
+
+import torch
+import torch.distributed as td
+
+from idaa import distributed as dist
+from idaa.data.feeds import make_feed
+from idaa.data.sources import StreamOptions, open_dataset
+
+torch.set_num_threads(1)
+root, out = sys.argv[1:3]
+dist.setup("cpu")
+rank, world = dist.rank(), dist.world_size()
+data = open_dataset("folder", root, options=StreamOptions(image_size=8, workers=1))
+feed = make_feed(data, torch.device("cpu"), batch_size=4, local_batch=4 // world, rank=rank)
+seen = {}
+for epoch in (1, 2):
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))  # as pretrain broadcasts it
+    seen[epoch] = [i for batch in feed.batches(epoch, order) for i in batch.index.tolist()]
+gathered = dist.gather_objects(seen)
+if rank == 0:
+    torch.save({"world": world, "seen": gathered}, out)
+td.barrier()
+dist.teardown()
+'''
+
+
+def test_two_ranks_read_disjoint_shares_covering_the_epoch(tmp_path: Path) -> None:
+    root = mixed_folder(tmp_path / "data", per_class=5, split=False)  # 10 images: 2 batches of 4, 2 left over
+    script, out = tmp_path / "case.py", tmp_path / "seen.pt"
+    script.write_text(DDP_CASE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(root), str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    assert result["world"] == 2
+    for epoch in (1, 2):
+        ranks = [set(seen[epoch]) for seen in result["seen"]]
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(epoch))
+        assert not ranks[0] & ranks[1] and all(len(r) == 4 for r in ranks)
+        assert ranks[0] | ranks[1] == set(order[:8].tolist())  # the epoch's full batches, nothing else
