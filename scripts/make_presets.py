@@ -1,4 +1,4 @@
-"""Write configs/paper/*.yaml: a preset per row of the paper's Tables 1, 2, 3, 6, 10 and 12.
+"""Write configs/paper/*.yaml: a preset per row of the paper's Tables 1, 2, 3, 4, 6, 9, 10 and 12.
 
     python scripts/make_presets.py          # (re)write the presets
     python scripts/make_presets.py --check  # exit 1 if configs/paper differs from what this script writes
@@ -25,7 +25,17 @@ DATA = {  # dataset -> (config fields, the VAE it expects, a note)
                      "images resized to 64 px"),
     "imagenet": ({"dataset": "folder", "data_dir": "data/imagenet-224"}, "runs/vae-imagenet/vae.pt",
                  "ImageNet as data/imagenet-224/{train,test}/<class>/*, center-cropped to 224 px"),
+    "imagenet100": ({"dataset": "imagenet100", "data_dir": "data/imagenet", "image_size": 224},
+                    "runs/vae-imagenet100/vae.pt",
+                    "ImageNet-100 (CMC's 100 classes, shipped in idaa) read from the ImageNet folder data/imagenet "
+                    "(train/<wnid>/, val/), streamed at 224 px; on a cluster pack it once with `idaa data pack "
+                    "data/imagenet --dataset imagenet100 --out data/imagenet100-shards` and pass --data-dir "
+                    "data/imagenet100-shards"),
 }
+# Tables 4 and 9: linear transfer of the ImageNet-100 backbone to eight datasets (layouts: README, Data section)
+TRANSFER = [("cifar10", "data/cifar10"), ("cifar100", "data/cifar100"), ("birdsnap", "data/birdsnap"),
+            ("aircraft", "data/fgvc-aircraft-2013b"), ("dtd", "data/dtd"), ("pets", "data/oxford-iiit-pet"),
+            ("flowers102", "data/flowers-102"), ("cub200", "data/CUB_200_2011")]
 EPS = {"idaa": 0.15, "clae": 0.03, "idaa-nodecomp": 0.15}
 
 # SPEC section 2: each method's reference recipe.
@@ -67,10 +77,17 @@ def vae_command(path: str, fields: dict) -> str:
     """The `idaa vae train` call that writes the VAE a preset expects (beta and latent size from its name)."""
     folder = str(Path(path).parent)
     beta = folder.split("-beta")[1] if "-beta" in folder else "0.1"
-    latent = 3072 if "imagenet-224" in fields.get("data_dir", "") else 512
+    large = "imagenet-224" in fields.get("data_dir", "") or fields.get("image_size") == 224
+    latent = 3072 if large else 512
     data_dir = f" --data-dir {fields['data_dir']}" if "data_dir" in fields else ""
-    return (f"idaa vae train --dataset {fields['dataset']}{data_dir} --latent-dim {latent} --beta {beta} "
+    size = f" --image-size {fields['image_size']}" if "image_size" in fields else ""
+    return (f"idaa vae train --dataset {fields['dataset']}{data_dir}{size} --latent-dim {latent} --beta {beta} "
             f"--epochs 300 --out {folder}")
+
+
+def transfer_commands(run: str) -> list[str]:
+    """The `idaa eval transfer` calls that make one row of Table 4/9 from a pretraining run."""
+    return [f"idaa eval transfer {run}/last.ckpt --dataset {name} --data-dir {folder}" for name, folder in TRANSFER]
 
 
 def rows() -> list[tuple[str, dict, str]]:
@@ -91,6 +108,14 @@ def rows() -> list[tuple[str, dict, str]]:
                               weight_decay=1e-4, policy="simsiam", _suffix=f"{epochs}ep",
                               method_options={"proj_layers": 3, "proj_hidden": 2048, "proj_dim": 2048,
                                               "pred_hidden": 512}))
+    for table, method in (("table4", "simclr"), ("table9", "simsiam")):  # ResNet-18, 100 epochs on ImageNet-100
+        for adversary in ("none", "clae", "idaa"):
+            name, cfg, header = preset(table, method, "imagenet100", adversary, 100, "resnet18")
+            run = f"runs/{name}"
+            lines = [f"Run with: idaa pretrain --config THIS_FILE --out {run}",
+                     f"Then the row of Table {table[5:]} (linear transfer, one result file per dataset):",
+                     *transfer_commands(run)]
+            out.append((name, cfg, header + "\n" + "\n".join(f"# {line}" for line in lines)))
     for data in ("cifar10", "cifar100", "miniimagenet"):  # Table 10: SimCLR + IDAA for VAE beta 0, 0.1, 1, 10
         for beta in ("0", "0.1", "1", "10"):
             epochs = 100 if data == "miniimagenet" else 300

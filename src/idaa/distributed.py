@@ -87,6 +87,29 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(_gather_no_grad(x)) if active() else x
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of a constant in rank order when ranks hold different numbers of rows (evaluation shares).
+
+    Rows are padded to the longest share for the collective and trimmed after; with nccl, `x` must be on CUDA.
+    """
+    if not active():
+        return x
+    sizes = _gather_no_grad(torch.tensor([len(x)], device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[:len(x)] = x
+    return torch.cat([part[:int(n.item())] for part, n in zip(_gather_no_grad(padded), sizes, strict=True)])
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (e.g. correct and total counts of each rank's share of an evaluation)."""
+    if not active():
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def all_true(flags: torch.Tensor) -> torch.Tensor:
     """Element-wise AND of boolean flags over ranks (so every rank takes the same decision)."""
     if not active():

@@ -1,31 +1,88 @@
-"""The online kNN monitor of pretraining: the training images (eval view) as the bank, the test split as queries."""
+"""The online kNN monitor of pretraining: the training images (eval view) as the bank, the test split as queries.
+
+Under DDP the work is shared instead of left to rank 0: each rank embeds a disjoint part of the bank and of
+the queries, the bank's features and labels are all-gathered, each rank scores its own queries against the
+whole bank, and the correct counts are summed. Embedding is per image (eval-mode BN), so the accuracy is the
+one a single process gets. Every rank must call the monitor.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
-from idaa.data.datasets import ImageDataset
+from idaa import distributed as dist
 from idaa.data.views import build_view_policy
-from idaa.evaluate.knn import extract_features, knn_accuracy
+from idaa.errors import IdaaError
+from idaa.evaluate.knn import knn_predict
 from idaa.methods import Method
 from idaa.train.config import PretrainConfig
 
-__all__ = ["KNNMonitor"]
+__all__ = ["KNNMonitor", "rank_share"]
+
+BATCH = 512
 
 
 class KNNMonitor:
-    """Online kNN accuracy: training images (eval view) as the bank, the test split as queries."""
+    """Online kNN accuracy: training images (eval view) as the bank, the test split as queries.
 
-    def __init__(self, train: ImageDataset, test: ImageDataset, cfg: PretrainConfig, device: torch.device) -> None:
-        self.train, self.test, self.cfg, self.device = train, test, cfg, device
+    `train` and `test` are datasets (`images` and `labels` indexable by a block of rows: an ImageDataset or a
+    StreamingDataset) or shard sources, whose `eval_batches(rank, world, batch_size, workers)` yields
+    (uint8 images, labels, indices, errors) of a disjoint share of the shards per rank.
+    """
+
+    def __init__(self, train: Any, test: Any, cfg: PretrainConfig, device: torch.device, workers: int = 0) -> None:
+        self.train, self.test, self.cfg, self.device, self.workers = train, test, cfg, device, workers
         self.view = build_view_policy("eval", train.image_size, train.mean, train.std).to(device)
         self.num_classes = max(len(train.classes), int(train.labels.max()) + 1)
 
+    @torch.no_grad()
     def __call__(self, method: Method) -> float:
+        """Top-1 kNN accuracy in percent, the same on every rank."""
         was_training = method.training
         method.eval()
-        bank = extract_features(method.embed_for_eval, self.train.images, self.view, self.device)
-        queries = extract_features(method.embed_for_eval, self.test.images, self.view, self.device)
-        method.train(was_training)
-        return knn_accuracy(bank, self.train.labels.to(self.device), queries, self.test.labels, self.num_classes,
-                            self.cfg.knn_k, self.cfg.knn_temperature)
+        try:
+            bank, bank_labels = self._embed(method, self.train)
+            queries, query_labels = self._embed(method, self.test)
+        finally:
+            method.train(was_training)
+        bank, bank_labels = dist.gather_rows(bank), dist.gather_rows(bank_labels)
+        if len(bank) == 0:
+            raise IdaaError("the kNN bank is empty: no training image reached the monitor")
+        predicted = knn_predict(bank, bank_labels, queries, self.num_classes, self.cfg.knn_k,
+                                self.cfg.knn_temperature) if len(queries) else query_labels
+        counts = torch.tensor([int((predicted == query_labels).sum()), len(query_labels)], device=self.device)
+        correct, total = dist.sum_over_ranks(counts).tolist()
+        return 100.0 * correct / max(total, 1)
+
+    def _embed(self, method: Method, source: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (float, on the device) and labels of this rank's share of `source`."""
+        features, labels = [], []
+        for images, targets in _share(source, dist.rank(), dist.world_size(), self.workers):
+            features.append(method.embed_for_eval(self.view(images.to(self.device, non_blocking=True))).float())
+            labels.append(targets.to(self.device))
+        if not features:  # a rank without images still joins the gathers, with zero rows of the right width
+            width = method.embed_for_eval(self.view(torch.zeros(1, 3, source.image_size, source.image_size,
+                                                                dtype=torch.uint8, device=self.device))).shape[1]
+            return torch.zeros(0, width, device=self.device), torch.zeros(0, dtype=torch.int64, device=self.device)
+        return torch.cat(features), torch.cat(labels)
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """The contiguous block of n items that `rank` of `world` handles (sizes differ by at most one)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def _share(source: Any, rank: int, world: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) batches of this rank's share: a block of an in-memory dataset, or a stream's share."""
+    if not hasattr(source, "eval_batches"):
+        block = rank_share(len(source), rank, world)
+        yield from zip(source.images[block].split(BATCH), source.labels[block].split(BATCH), strict=True)
+        return
+    for images, labels, _, errors in source.eval_batches(rank, world, BATCH, workers):
+        bad = next((e for e in errors if e), None)
+        if bad:
+            raise IdaaError(bad)
+        yield images, labels

@@ -1,0 +1,63 @@
+"""`idaa data`: the argument parser of the data tools (`pack`, `list`) and their handlers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `idaa data pack|list` on the top-level subcommand parser."""
+    from idaa.data.layouts import LAYOUTS
+
+    data = subparsers.add_parser("data", help="dataset tools: WebDataset shards, layout listings")
+    group = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
+    layouts = ", ".join(LAYOUTS)
+    pack = group.add_parser("pack", help="an image folder -> WebDataset tar shards + index.json (for clusters)")
+    pack.add_argument("folder", help="dataset folder in one of the layouts (see --dataset)")
+    pack.add_argument("--out", required=True, help="shard folder to create (new or empty)")
+    pack.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts} (default: folder)")
+    pack.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    pack.add_argument("--test-fraction", type=float, default=None,
+                      help="hold out a seeded share of each class of a single labelled folder as the test split")
+    pack.add_argument("--seed", type=int, default=0, help="seed of --test-fraction's split")
+    pack.add_argument("--no-progress", action="store_true")
+    show = group.add_parser("list", help="how a folder reads in a layout (or a shard folder): images and classes")
+    show.add_argument("folder")
+    show.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts}, or shards (default: folder)")
+    show.add_argument("--test-fraction", type=float, default=None)
+    show.add_argument("--seed", type=int, default=0)
+
+
+def run_data(args: argparse.Namespace) -> None:
+    """Handler of `idaa data`: pack shards or print a layout's listing summary."""
+    if args.data_command == "pack":
+        from idaa.data.shards import pack_shards
+
+        index = pack_shards(args.dataset, args.folder, args.out, args.shard_size, args.test_fraction, args.seed,
+                            progress=not args.no_progress)
+        parts = [f"{name} {s['images']} images in {len(s['shards'])} shards" for name, s in index["splits"].items()]
+        print(f"pack: {', '.join(parts)}, {len(index['classes'])} classes -> {args.out}")
+        return
+    if args.dataset == "shards":
+        _list_shards(args.folder)
+        return
+    from idaa.data.layouts import has_test_split, read_layout
+
+    splits = ("train", "test") if has_test_split(args.dataset, args.folder, args.test_fraction) else ("train",)
+    for split in splits:
+        listing = read_layout(args.dataset, args.folder, split, args.test_fraction, args.seed)
+        labelled = f"{len(listing.classes)} classes" if listing.classes else "unlabelled"
+        print(f"{split}: {len(listing.files)} images, {labelled}")
+
+
+def _list_shards(folder: str) -> None:
+    """Summary of a shard folder's index: images and shards of each split, classes."""
+    import json
+
+    from idaa.data.shards import INDEX, ShardSource
+
+    ShardSource(folder, "train")  # refuses a folder without an index or with missing shards
+    index = json.loads((Path(folder) / INDEX).read_text())
+    for split, part in index["splits"].items():
+        print(f"{split}: {part['images']} images in {len(part['shards'])} shards, {len(index['classes'])} classes")
