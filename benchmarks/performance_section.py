@@ -1,23 +1,24 @@
-"""Write the README's "Performance" section from the benchmark outputs, so the figures there are the measured ones.
+"""Write the "Performance" section of docs/results.md from the benchmark outputs, so the figures there are the measured ones.
 
     idaa bench step --batch-size 64 --modes none,idaa,idaa-clean,idaa-frac0.25,idaa-clean-frac0.25,clae \\
         --json runs/bench/step-b64.json                       # (and -b128, and -b256 with --modes none)
-    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-clean --extra=--attack-graph=clean
-    python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-frac0.25 --extra=--attack-fraction=0.25
-    python benchmarks/performance_section.py                  # rewrites README.md between the markers
+    idaa reproduce configs/reproduce/cpu-protocol-cifar10.yaml   # the CPU protocol's runs and report
+    python benchmarks/performance_section.py                  # rewrites docs/results.md between the markers
 
 Step tables come from every `runs/bench/step-*.json` (`idaa bench step --json`); the accuracy table from the
-protocol runs in `runs/protocol/<variant>/metrics.jsonl`. `--print` shows the section instead of writing it.
+reproduce report's `results.csv` (means over the finished seeds of each variant). `--print` shows the section
+instead of writing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
+import statistics
 from pathlib import Path
 
-from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.bench import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +35,21 @@ VARIANTS = {
 }
 
 
-def last_record(run: Path) -> dict | None:
-    """The final metrics record of a finished protocol run, None when the run is missing or has no kNN yet."""
-    if not (run / "metrics.jsonl").is_file():
-        return None
-    records = read_metrics(run)
-    return records[-1] if records and "knn_top1" in records[-1] else None
+def protocol_means(reproduce_dir: Path) -> dict[str, dict]:
+    """Per variant of an `idaa reproduce` report: mean final kNN and training time over its finished seeds."""
+    table = reproduce_dir / "results.csv"
+    if not table.is_file():
+        return {}
+    rows = [r for r in csv.DictReader(table.open()) if r["status"] == "done" and r["knn_top1"]]
+    means = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        means[variant] = {"knn_top1": statistics.fmean(float(r["knn_top1"]) for r in mine),
+                          "time": statistics.fmean(float(r["train_time_s"]) for r in mine), "seeds": len(mine)}
+    return means
 
 
-def section(bench_dir: Path, protocol_dir: Path) -> str:
+def section(bench_dir: Path, reproduce_dir: Path) -> str:
     benches = sorted(bench_dir.glob("step-*.json"), key=lambda p: json.loads(p.read_text())["config"]["batch_size"])
     if not benches:
         raise SystemExit(f"no step benchmarks in {bench_dir}: run `idaa bench step --json {bench_dir}/step-b64.json`")
@@ -60,23 +67,34 @@ def section(bench_dir: Path, protocol_dir: Path) -> str:
         result = json.loads(path.read_text())
         parts += [f"`{command_of(result)}`", "", format_table(result), ""]
     rows = []
-    base = last_record(protocol_dir / "none")
+    means = protocol_means(reproduce_dir)
+    base = means.get("none")
     for variant, (text, flags) in VARIANTS.items():
-        record = last_record(protocol_dir / variant)
-        if record is None:
+        mean = means.get(variant)
+        if mean is None:
             continue
-        ratio = f"{record['time'] / base['time']:.2f}x" if base else "-"
-        rows.append(f"| {variant} | {text} | `{flags}` | {record['knn_top1']:.2f} | {record['time']:.0f} | {ratio} |")
+        ratio = f"{mean['time'] / base['time']:.2f}x" if base else "-"
+        rows.append(f"| {variant} | {text} | `{flags}` | {mean['seeds']} | {mean['knn_top1']:.2f} | "
+                    f"{mean['time']:.0f} | {ratio} |")
     if rows:
-        parts += ["Accuracy of each mode on the CPU protocol (`configs/cpu-protocol-cifar10.yaml`: 10k CIFAR-10 "
-                  "images, ResNet-18 at width 16, 15 epochs, IDAA eps 0.1; kNN top-1 on the full test set; "
-                  "`python benchmarks/spine_protocol.py ... --adversaries idaa --suffix=-clean "
-                  "--extra=--attack-graph=clean` and so on). Wall times are whole runs, one after another on the "
-                  "same 2 cores, so they are noisier than the step ratios above:", "",
-                  "| run | what | flags | kNN top-1 (%) | wall (s) | time vs none |",
-                  "| --- | --- | --- | ---: | ---: | ---: |", *rows, ""]
+        parts += ["Accuracy of each mode on the CPU protocol (`idaa reproduce "
+                  "configs/reproduce/cpu-protocol-cifar10.yaml`: 10k CIFAR-10 images, ResNet-18 at width 16, "
+                  "15 epochs, IDAA eps 0.1; final kNN top-1 on the full test set, mean over the seeds; "
+                  f"the report with verdicts is `{shown(reproduce_dir)}/report.md`). Training times are whole runs "
+                  "without the kNN monitor, one after another on the same 2 cores, so they are noisier than the "
+                  "step ratios above:", "",
+                  "| run | what | flags | seeds | kNN top-1 (%) | training (s) | time vs none |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |", *rows, ""]
     parts.append(END)
     return "\n".join(parts)
+
+
+def shown(path: Path) -> str:
+    """A path as the README shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def command_of(result: dict) -> str:
@@ -103,11 +121,12 @@ def command_of(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench-dir", default=str(ROOT / "runs" / "bench"))
-    parser.add_argument("--protocol-dir", default=str(ROOT / "runs" / "protocol"))
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--reproduce-dir", default=str(ROOT / "runs" / "reproduce-cpu-cifar10"),
+                        help="the out folder of `idaa reproduce configs/reproduce/cpu-protocol-cifar10.yaml`")
+    parser.add_argument("--readme", default=str(ROOT / "docs" / "results.md"), help="file holding the markers")
     parser.add_argument("--print", action="store_true", help="print the section instead of writing the README")
     args = parser.parse_args()
-    text = section(Path(args.bench_dir), Path(args.protocol_dir))
+    text = section(Path(args.bench_dir), Path(args.reproduce_dir))
     if args.print:
         print(text)
         return

@@ -13,36 +13,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from idaa.analysis.plots import new_figure
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.errors import IdaaError
+from idaa.experiments.runner import (
+    VAE_ADVERSARIES,
+    VAE_INHERITED,
+    RunStopped,
+    VAEJob,
+    ensure_vae,
+    finished,
+    pretrain_command,
+    read_vae_block,
+    run_child,
+    run_status,
+)
 from idaa.train.config import FIELDS, read_preset, resolve_config
 
 GRID_KEYS = {"base", "settings", "sweep", "series", "vae", "out"}
 VAE_PARAMS = ("beta", "latent_dim", "hidden")
-VAE_KEYS = {"dataset", "data_dir", "latent_dim", "hidden", "beta", "epochs", "batch_size", "lr", "policy", "limit",
-            "seed", "device"}
-VAE_INHERITED = ("dataset", "data_dir", "limit", "seed", "device")  # a point's VAE sees the point's data
-VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
-NOT_COMPARED = {"out", "command", "max_steps", "device", "download"}  # may differ between invocations
-
-
-class SweepStopped(Exception):
-    """A signal stopped the point being trained; it saved its checkpoint and the sweep can be run again."""
-
-    def __init__(self, point: str, code: int) -> None:
-        super().__init__(f"sweep stopped during '{point}' (exit {code}); run the same command again to resume")
-        self.code = code
+SweepStopped = RunStopped  # a signal stopped a point; it saved its checkpoint and the sweep can be run again
 
 
 @dataclass
@@ -55,12 +49,6 @@ class Grid:
     series: dict[str, dict[str, Any]]
     vae: dict[str, Any] | None
     out: Path
-
-
-@dataclass
-class VAEJob:
-    settings: dict[str, Any]
-    run: Path
 
 
 @dataclass
@@ -107,13 +95,7 @@ def read_grid(path: str | Path, out: str | None = None) -> Grid:
     for name in series:
         if not re.fullmatch(r"[A-Za-z0-9+._-]+", name):
             raise IdaaError(f"series name {name!r} may only use letters, digits and + . _ -")
-    vae = _mapping(data["vae"], "vae") if data.get("vae") is not None else None
-    if vae is not None:
-        unknown = sorted(set(vae) - VAE_KEYS)
-        if unknown:
-            raise IdaaError(f"unknown vae setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(VAE_KEYS))}")
-        if not isinstance(vae.get("epochs"), int) or vae["epochs"] < 1:
-            raise IdaaError("the vae: block needs epochs (an integer >= 1)")
+    vae = read_vae_block(data.get("vae"))
     if vae is None and any(p in VAE_PARAMS for p in sweep):
         raise IdaaError(f"sweeping {', '.join(p for p in sweep if p in VAE_PARAMS)} trains a VAE per value: add a "
                         "'vae:' block with its settings (at least epochs)")
@@ -161,80 +143,9 @@ def plan_sweep(grid: Grid) -> list[Point]:
     return points
 
 
-def _finished(records: list[dict[str, Any]], epochs: int) -> bool:
-    return any(r.get("epoch") == epochs and not r.get("partial") for r in records)
-
-
 def point_status(point: Point) -> str:
     """'done', 'partial' (has a checkpoint to resume), 'broken' (folder without checkpoint) or 'new'."""
-    _check_same_run(point)
-    if (point.run / "last.ckpt").is_file():
-        metrics = point.run / "metrics.jsonl"
-        done = metrics.is_file() and _finished(read_metrics(metrics), point.config["epochs"])
-        return "done" if done else "partial"
-    return "broken" if point.run.is_dir() and any(point.run.iterdir()) else "new"
-
-
-def _check_same_run(point: Point) -> None:
-    """Refuse to reuse or resume a folder that holds a run with other settings (the grid was edited)."""
-    saved_path = point.run / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    for key in sorted(set(saved) & set(point.config) - NOT_COMPARED):
-        if saved[key] != point.config[key]:
-            raise IdaaError(f"'{point.run}' holds a run with {key}={saved[key]!r} but the grid asks for "
-                            f"{point.config[key]!r}; move that folder away or change the grid's out")
-
-
-def vae_done(job: VAEJob) -> bool:
-    """True when the job's folder holds a VAE trained to the end with these settings (else it is retrained)."""
-    metrics, saved_path = job.run / "metrics.jsonl", job.run / "config.yaml"
-    if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        for key in sorted(set(saved) & set(job.settings) - NOT_COMPARED):
-            if saved[key] != job.settings[key]:
-                raise IdaaError(f"'{job.run}' holds a VAE with {key}={saved[key]!r} but the grid asks for "
-                                f"{job.settings[key]!r}; move that folder away or change the grid's out")
-    return (job.run / "vae.pt").is_file() and metrics.is_file() and \
-        _finished(read_metrics(metrics), job.settings["epochs"])
-
-
-def _call(command: list[str], name: str) -> None:
-    """Run one child process to its end; a SIGINT/SIGTERM to the sweep is passed on, so the child saves first.
-
-    The child gets its own session: a terminal's Ctrl-C or a signal to the sweep's process group then reaches it
-    once, through this process, rather than twice (a second signal makes `idaa pretrain` exit without saving).
-    """
-    main_thread = threading.current_thread() is threading.main_thread()
-    children: list[subprocess.Popen] = []
-    previous = {}
-    if main_thread:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: [c.send_signal(signum) for c in children])
-    try:
-        children.append(subprocess.Popen(command, start_new_session=main_thread))
-        code = children[0].wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if abs(code) in (signal.SIGINT, signal.SIGTERM) and code < 0 or code in (130, 143):
-        raise SweepStopped(name, code if code > 0 else 128 - code)
-    if code != 0:
-        raise IdaaError(f"'{name}' failed (exit {code}), see the messages above; fix it and run the sweep again "
-                        "(finished points are kept)")
-
-
-def _ensure_vae(job: VAEJob, progress: bool, echo: Any) -> None:
-    if vae_done(job):
-        echo(f"sweep: VAE {job.run} is trained, reusing it")
-        return
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in job.settings.items() if v is not None]
-    command = [sys.executable, "-m", "idaa", "vae", "train", "--out", str(job.run), *flags]
-    if job.run.exists():
-        command.append("--overwrite")  # VAE training has no resume: an unfinished one starts again
-    echo(f"sweep: training VAE {job.run}")
-    _call(command + ([] if progress else ["--no-progress"]), str(job.run))
+    return run_status(point.run, point.config)
 
 
 def _ensure_point(point: Point, grid: Grid, progress: bool, echo: Any) -> None:
@@ -242,13 +153,9 @@ def _ensure_point(point: Point, grid: Grid, progress: bool, echo: Any) -> None:
     if status == "done":
         echo(f"sweep: {point.name} is finished, reusing it")
         return
-    preset_path = grid.out / "presets" / f"{point.name}.yaml"
-    preset_path.parent.mkdir(parents=True, exist_ok=True)
-    preset_path.write_text(yaml.safe_dump({k: v for k, v in point.config.items() if k != "out"}, sort_keys=False))
-    command = [sys.executable, "-m", "idaa", "pretrain", "--config", str(preset_path), "--out", str(point.run)]
-    command += {"partial": ["--resume"], "broken": ["--overwrite"], "new": []}[status]
+    command = pretrain_command(point.config, grid.out / "presets" / f"{point.name}.yaml", status)
     echo(f"sweep: {'resuming' if status == 'partial' else 'training'} {point.name} ({point.param}={point.value})")
-    _call(command + ([] if progress else ["--no-progress"]), point.name)
+    run_child(command + ([] if progress else ["--no-progress"]), point.name)
 
 
 def collect(points: list[Point]) -> list[dict[str, Any]]:
@@ -262,7 +169,7 @@ def collect(points: list[Point]) -> list[dict[str, Any]]:
         metrics = point.run / "metrics.jsonl"
         records = read_metrics(metrics) if metrics.is_file() else []
         if records:
-            row["status"] = "done" if _finished(records, point.config["epochs"]) else "partial"
+            row["status"] = "done" if finished(records, point.config["epochs"]) else "partial"
             row["wall_time"] = max((r["wall_time"] for r in records if "wall_time" in r), default=None)
             knn = [r["knn_top1"] for r in records if isinstance(r.get("knn_top1"), int | float)]
             row["knn_top1"] = knn[-1] if row["status"] == "done" and knn else None
@@ -337,7 +244,7 @@ def run_sweep(grid: Grid, progress: bool = True, dry_run: bool = False, echo: An
         raise IdaaError(f"cannot create sweep folder '{grid.out}' ({exc.strerror or type(exc).__name__})") from None
     for point in unique:
         if point.vae is not None and statuses[point.name] != "done":
-            _ensure_vae(point.vae, progress, echo)
+            ensure_vae(point.vae, progress, echo)
         _ensure_point(point, grid, progress, echo)
         write_report(grid, points)
     return write_report(grid, points)

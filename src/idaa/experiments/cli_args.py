@@ -1,0 +1,97 @@
+"""`idaa sweep` and `idaa reproduce`: their argument parsers and handlers (many runs at once)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from idaa.errors import IdaaError
+
+EXPERIMENT_COMMANDS = ("sweep", "reproduce")
+
+
+def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `sweep` and `reproduce` on the top-level subcommand parser."""
+    s = sub.add_parser("sweep", help="pretrain a grid of settings from a YAML file -> table and plots (Figs. 5-6)")
+    s.add_argument("grid", help="grid file (see configs/sweeps/)")
+    s.add_argument("--out", default=None, help="sweep folder (default: the grid's out)")
+    s.add_argument("--dry-run", action="store_true", help="show the points and their state, train nothing")
+    s.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("reproduce", help="a protocol's variants x seeds, one run at a time, resumable -> report "
+                       "with verdicts (configs/reproduce/)")
+    r.add_argument("protocol", help="protocol file, e.g. configs/reproduce/cpu-protocol-cifar10.yaml")
+    r.add_argument("--data-dir", default=None, help="dataset folder (overrides the protocol's)")
+    r.add_argument("--vae", default=None, help="vae.pt for the VAE-based variants (overrides the protocol's)")
+    r.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the protocol's)")
+    r.add_argument("--variants", default=None, help="comma-separated variant names (their dependencies come along)")
+    r.add_argument("--out", default=None, help="report folder (default: the protocol's out)")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="a smoke test: stop every run after N steps (a later call without it continues them)")
+    r.add_argument("--dry-run", action="store_true", help="show the runs and their state, train nothing")
+    r.add_argument("--report-only", action="store_true", help="rewrite the report from the runs there, train nothing")
+    r.add_argument("--readme-section", default=None, metavar="FILE",
+                   help="also write a short summary between <!-- reproduce:start/end --> markers in FILE")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def run_experiment(args: argparse.Namespace) -> None:
+    """Dispatch sweep or reproduce."""
+    {"sweep": _sweep, "reproduce": _reproduce}[args.command](args)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from idaa.experiments.sweep import SweepStopped, format_table, read_grid, run_sweep
+
+    grid = read_grid(args.grid, args.out)
+    try:
+        report = run_sweep(grid, progress=not args.no_progress, dry_run=args.dry_run)
+    except SweepStopped as stop:
+        print(f"idaa: {stop}", file=sys.stderr)
+        raise SystemExit(stop.code) from None
+    if args.dry_run:
+        return
+    print("\n" + format_table(report["rows"]))
+    print("\n".join(f"-> {path}" for path in [report["table"], *report["plots"]]))
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command line that makes this report, as a user would type it."""
+    words = ["idaa", "reproduce", args.protocol]
+    for flag in ("data_dir", "vae", "seeds", "variants", "out", "max_steps"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return shlex.join(words)
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from idaa.experiments.protocol import read_protocol
+    from idaa.experiments.report import readme_section, write_readme_section, write_report
+    from idaa.experiments.reproduce import plan, run_reproduce, status_lines
+    from idaa.experiments.runner import RunStopped
+
+    if args.dry_run and args.report_only:
+        raise IdaaError("--dry-run and --report-only exclude each other")
+    protocol = read_protocol(args.protocol, args.data_dir, args.vae, args.seeds, args.variants, args.out,
+                             args.max_steps)
+    command = reproduce_command(args)
+    if args.dry_run:
+        print("\n".join(status_lines(protocol, plan(protocol))))
+        return
+    if args.report_only:
+        runs = plan(protocol)
+        if not protocol.out.is_dir():
+            raise IdaaError(f"'{protocol.out}' does not exist: nothing to report yet")
+    else:
+        try:
+            runs = run_reproduce(protocol, progress=not args.no_progress,
+                                 write=lambda runs: write_report(protocol, runs, command))
+        except RunStopped as stop:
+            print(f"idaa: {stop}", file=sys.stderr)
+            raise SystemExit(stop.code) from None
+    paths = write_report(protocol, runs, command)
+    if args.readme_section:
+        paths["readme"] = write_readme_section(args.readme_section, readme_section(protocol, runs, command))
+    print((protocol.out / "report.md").read_text().split("## Figures")[0].rstrip())
+    print("\n".join(f"-> {path}" for path in paths.values()))

@@ -1,0 +1,250 @@
+"""The reproduce report: report.md (tables with verdicts and the commands behind them), results.csv, figures.
+
+Every number comes from the run folders (metrics.jsonl, eval.json), so the report can be rewritten at any time,
+also while the grid is still running. `readme_section` is the short summary meant for a README.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from idaa.errors import IdaaError
+from idaa.experiments.figures import PAPER_TABLE_11, plot_accuracy_vs_time, plot_time_to_accuracy
+from idaa.experiments.measure import RunResult, Verdict, as_row, compare, fmt, mean_std, summary, time_fractions
+from idaa.experiments.protocol import Protocol
+from idaa.experiments.reproduce import Run, linear_command, linear_result, read_resolved, results_by_variant
+from idaa.fileio import atomic_write_text
+from idaa.train.config import resolve_config
+
+START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
+RULE = ("A difference counts as real only when it exceeds twice its standard error, SE = sqrt(s1²/n1 + s2²/n2) "
+        "over the seeds of each side.")
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything the tables are made of."""
+
+    protocol: Protocol
+    runs: list[Run]
+    table: dict[str, dict[int, RunResult]]
+    command: str
+
+    def values(self, variant: str, key: str = "knn_top1") -> list[float]:
+        return [getattr(r, key) for r in self.table.get(variant, {}).values()
+                if r.status == "done" and getattr(r, key) is not None]
+
+
+def collect(protocol: Protocol, runs: list[Run], command: str) -> Report:
+    """Read every run folder (and its linear probe) into one Report."""
+    table = results_by_variant(runs)
+    for run in runs:
+        if run.variant in protocol.linear:
+            record = linear_result(run, protocol.linear_limit)
+            table[run.variant][run.seed].linear_top1 = record["linear_top1"] if record else None
+    return Report(protocol, runs, table, command)
+
+
+def _flags(protocol: Protocol, config: dict[str, Any] | None) -> str:
+    """The pretrain flags that set this run apart from the protocol's base (seed and folder aside)."""
+    if config is None:
+        return "(waits for its dependencies)"
+    base = dataclasses.asdict(resolve_config({**protocol.preset, **protocol.overrides}, {"out": "-"}))
+    words = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()  # a variant without a VAE: no --vae
+             if k not in ("out", "seed") and base.get(k) != v and not isinstance(v, dict)
+             and not (k == "vae" and v is None)]
+    return " ".join(words) or "(the base)"
+
+
+def _verdict_text(v: Verdict, first: str, second: str) -> str:
+    if v.verdict == "real":
+        return f"real: {first if v.difference > 0 else second} better"
+    return v.verdict
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def runs_table(r: Report) -> list[str]:
+    ref = r.protocol.reference
+    ref_time = mean_std(r.values(ref, "train_time"))[0] if ref else None
+    lines = [f"| variant | flags over the base | seeds done | epochs | kNN top-1 (%) | training time (s) | "
+             f"time vs {ref or 'reference'} | kNN monitor (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in r.protocol.variants:
+        first = next(run for run in r.runs if run.variant == name)
+        results = list(r.table[name].values())
+        done = sum(x.status == "done" for x in results)
+        train = summary(results, "train_time")
+        ratio = f"{train[0] / ref_time:.2f}x" if train[0] is not None and ref_time else "-"
+        epochs = first.config["epochs"] if first.config else "?"
+        lines.append(f"| {name} | `{_flags(r.protocol, first.config)}` | {done}/{len(results)} | {epochs} | "
+                     f"{fmt(*summary(results, 'knn_top1'))} | {fmt(*train, digits=None)} | {ratio} | "
+                     f"{fmt(*summary(results, 'monitor_time'), digits=None)} |")
+    return lines
+
+
+def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = False) -> list[str]:
+    extra = " training time (s): first / second |" if timed else ""
+    lines = [f"| first | second | first kNN (%) | second kNN (%) | difference | 2 SE |{extra} verdict |",
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if timed else "") + " --- |"]
+    for first, second in pairs:
+        a, b = r.values(first), r.values(second)
+        v = compare(a, b)
+        two_se = "-" if v.standard_error is None else f"{2 * v.standard_error:.2f}"
+        times = ""
+        if timed:
+            times = (f" {fmt(mean_std(r.values(first, 'train_time'))[0], None, None)} / "
+                     f"{fmt(mean_std(r.values(second, 'train_time'))[0], None, None)} |")
+        lines.append(f"| {first} | {second} | {fmt(*mean_std(a))} | {fmt(*mean_std(b))} | {_signed(v.difference)} | "
+                     f"{two_se} |{times} {_verdict_text(v, first, second)} |")
+    return lines
+
+
+def equal_time_pairs(protocol: Protocol) -> list[tuple[str, str]]:
+    """(IDAA variant, its compute-matched baseline) for every match_time_of variant."""
+    return [(v.match_time_of, v.name) for v in protocol.variants.values() if v.match_time_of]
+
+
+def best_of_pairs(protocol: Protocol) -> list[tuple[str, str]]:
+    resolved = read_resolved(protocol)
+    return [(v.name, resolved[v.name]["best"]) for v in protocol.variants.values()
+            if v.best_of and v.name in resolved]
+
+
+def time_table(r: Report) -> list[str]:
+    ref = r.protocol.reference
+    lines = [f"| variant | seeds that reached {ref}'s final kNN | training time to reach it / {ref}'s (mean ± std) |",
+             "| --- | ---: | ---: |"]
+    for name, by_seed in r.table.items():
+        if name == ref:
+            continue
+        fractions, compared = time_fractions(by_seed, r.table[ref])
+        if compared:
+            lines.append(f"| {name} | {len(fractions)}/{compared} | {fmt(*mean_std(fractions))} |")
+    return lines
+
+
+def linear_table(r: Report) -> list[str]:
+    limit = r.protocol.linear_limit
+    lines = ["| variant | seeds | linear top-1 (%) | commands |", "| --- | ---: | ---: | --- |"]
+    for name in r.protocol.linear:
+        values = r.values(name, "linear_top1")
+        commands = "<br>".join(f"`{linear_command(run, limit)}`" for run in r.runs if run.variant == name)
+        lines.append(f"| {name} | {len(values)} | {fmt(*mean_std(values))} | {commands} |")
+    return lines
+
+
+def _section(title: str, text: str, rows: list[str]) -> list[str]:
+    return [f"## {title}", "", text, "", *rows, ""]
+
+
+def report_markdown(r: Report) -> str:
+    """The whole report.md."""
+    p, ref = r.protocol, r.protocol.reference
+    seeds = ", ".join(map(str, p.seeds))
+    parts = ["# Is IDAA worth its compute?", "",
+             f"Protocol `{p.path}`, seeds {seeds}; every run trained alone, one after another. Made by:", "",
+             f"    {r.command}", "",
+             "Training time counts the training steps only (the kNN monitor and checkpoint writes are timed apart), "
+             f"so monitoring never favours a variant. kNN: final epoch, never the best one. {RULE}", ""]
+    parts += _section("Runs", "Mean ± std over the finished seeds; each run's command is listed at the end.",
+                      runs_table(r))
+    if p.compare:
+        parts += _section("At equal epochs", "Final kNN top-1; difference = first - second.",
+                          comparison_table(r, p.compare))
+    if equal_time_pairs(p):
+        parts += _section("At equal training time", "Each compute-matched baseline trains for as many epochs as fit "
+                          "in its IDAA variant's training time (its cosine schedule spans them all); "
+                          "`resolved.json` holds the measured times.", comparison_table(r, equal_time_pairs(p), True))
+    if best_of_pairs(p):
+        parts += _section("Other settings for the best variant", "Each `best_of` variant (first) takes the "
+                          "settings of the candidate with the best mean final kNN (second) and changes what it sets.",
+                          comparison_table(r, best_of_pairs(p)))
+    if ref:
+        parts += _section(f"Time to reach {ref}'s final accuracy",
+                          f"Per seed, the training seconds until the first kNN evaluation at or above {ref}'s final "
+                          f"kNN (same seed), over the seconds {ref} itself took to first reach it (kNN every "
+                          f"`knn_every` epochs sets the resolution); the paper's Table 11 reports {PAPER_TABLE_11} "
+                          "for SimCLR+IDAA.",
+                          time_table(r))
+    if p.linear:
+        parts += _section("Linear probe", "`idaa eval linear` on each final checkpoint (frozen backbone; weight "
+                          "decay chosen on a held-out part of the training set).", linear_table(r))
+    parts += ["## Figures", "", "![accuracy against training time](accuracy-vs-time.png)", "",
+              "![time to accuracy](time-to-accuracy.png)", "", "## Commands", "",
+              "Each run's resolved settings are in the preset it was trained from:", "", "```"]
+    parts += [run.command() if run.config else f"# {run.name}: waits for {', '.join(run.waits_for)}"
+              for run in r.runs]
+    return "\n".join(parts + ["```", ""])
+
+
+def results_csv(r: Report) -> str:
+    """One row per run."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["variant", "seed", "run", *as_row(RunResult()), "command"]
+    writer.writerow(header)
+    for run in r.runs:
+        row = as_row(r.table[run.variant][run.seed])
+        writer.writerow([run.variant, run.seed, str(run.path), *row.values(), run.command() if run.config else ""])
+    return buffer.getvalue()
+
+
+def write_report(protocol: Protocol, runs: list[Run], command: str) -> dict[str, Path]:
+    """report.md, results.csv, accuracy-vs-time.png and time-to-accuracy.png in the protocol's folder."""
+    r = collect(protocol, runs, command)
+    out = protocol.out
+    paths = {"report": out / "report.md", "csv": out / "results.csv", "accuracy": out / "accuracy-vs-time.png",
+             "time": out / "time-to-accuracy.png"}
+    plot_accuracy_vs_time(r.table, paths["accuracy"])
+    plot_time_to_accuracy(r.table, protocol.reference, paths["time"])
+    atomic_write_text(paths["csv"], results_csv(r))
+    atomic_write_text(paths["report"], report_markdown(r))
+    return paths
+
+
+def readme_section(protocol: Protocol, runs: list[Run], command: str) -> str:
+    """A short marker-delimited summary for a README: the verdicts in words, the numbers from the runs."""
+    r = collect(protocol, runs, command)
+    n = len(protocol.seeds)
+    lines = [START, f"Made by `{command}` ({n} seed{'s' * (n > 1)}; full report: "
+             f"[{protocol.out / 'report.md'}]({protocol.out / 'report.md'})). {RULE}", ""]
+    for first, second in protocol.compare:
+        lines.append(_sentence(r, first, second, "at equal epochs"))
+    for first, second in equal_time_pairs(protocol):
+        lines.append(_sentence(r, first, second, "at equal training time"))
+        v = compare(r.values(first), r.values(second))
+        if v.verdict == "within noise" or v.verdict == "real" and v.difference < 0:
+            lines.append(f"  On this protocol {first} does not beat SimCLR trained for the same time ({second}).")
+    lines += ["", *runs_table(r), "", END]
+    return "\n".join(lines) + "\n"
+
+
+def _sentence(r: Report, first: str, second: str, when: str) -> str:
+    a, b = r.values(first), r.values(second)
+    v = compare(a, b)
+    two_se = "" if v.standard_error is None else f", 2 SE {2 * v.standard_error:.2f}"
+    return (f"- {first} vs {second} {when}: {fmt(*mean_std(a))} vs {fmt(*mean_std(b))} kNN top-1, difference "
+            f"{_signed(v.difference)}{two_se}: {_verdict_text(v, first, second)}.")
+
+
+def write_readme_section(path: str | Path, text: str) -> Path:
+    """Replace the marked section of `path` (or create the file); a file without the markers is left alone."""
+    path = Path(path)
+    if path.is_file():
+        old = path.read_text()
+        if START not in old or END not in old:
+            raise IdaaError(f"'{path}' has no {START} ... {END} markers; add them where the summary goes")
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END) + "\n?", lambda _: text, old, count=1, flags=re.S)
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise IdaaError(f"cannot write '{path}' ({exc.strerror or type(exc).__name__})") from None
+    return path

@@ -1,0 +1,268 @@
+"""`idaa reproduce PROTOCOL.yaml`: train a protocol's variants x seeds one at a time, resumably, then report.
+
+Every pretraining run is its own `idaa pretrain` process, alone on the machine (so training times compare);
+a finished run is reused and an interrupted one resumed, so running the same command again continues the grid.
+Compute-matched and best-of variants are resolved once the runs they depend on have finished (see
+`idaa.experiments.protocol`). The final checkpoints of the `linear:` variants then get the linear probe of
+`idaa eval linear`, and the report folder is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from idaa.errors import IdaaError
+from idaa.experiments.measure import RunResult, read_run
+from idaa.experiments.protocol import Protocol, Variant, stages
+from idaa.experiments.runner import (
+    VAE_ADVERSARIES,
+    VAE_INHERITED,
+    VAEJob,
+    ensure_vae,
+    pretrain_command,
+    run_child,
+    run_status,
+)
+from idaa.fileio import atomic_write_text
+from idaa.train.config import resolve_config
+
+WHAT = "reproduce"
+
+
+@dataclass
+class Run:
+    """One (variant, seed) run: its folder and, once its variant is resolved, its full pretrain config."""
+
+    variant: str
+    seed: int
+    path: Path
+    config: dict[str, Any] | None
+    vae: VAEJob | None
+    waits_for: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def preset(self) -> Path:
+        return self.path.parent.parent / "presets" / f"{self.name}.yaml"
+
+    def command(self) -> str:
+        """The command line that trains this run (as a user would type it)."""
+        return f"idaa pretrain --config {self.preset} --out {self.path}"
+
+
+def read_resolved(protocol: Protocol) -> dict[str, dict[str, Any]]:
+    """What earlier invocations measured for the deferred variants (`<out>/resolved.json`)."""
+    path = protocol.out / "resolved.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise IdaaError(f"'{path}' is not valid JSON; delete it to measure the matched variants again") from None
+    return data if isinstance(data, dict) else {}
+
+
+def variant_settings(protocol: Protocol, variant: Variant,
+                     resolved: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Base + settings + the variant's own (+ its resolution); None while a deferred variant is unresolved."""
+    settings = dict(protocol.preset)
+    found = resolved.get(variant.name, {})
+    if variant.best_of:
+        if "best" not in found:
+            return None
+        settings.update(protocol.variants[found["best"]].settings)
+    settings.update(variant.settings)
+    if variant.match_time_of:
+        if "epochs" not in found:
+            return None
+        settings["epochs"] = found["epochs"]
+    settings.update(protocol.overrides)
+    return settings
+
+
+def _stand_ins(variant: Variant) -> list[dict[str, Any]]:
+    """Resolutions to validate an unresolved variant with: every best_of candidate, or a placeholder epoch count."""
+    return [{"best": c} for c in variant.best_of] or [{"epochs": 1}]
+
+
+def _vae_for(protocol: Protocol, settings: dict[str, Any], name: str) -> tuple[str | None, VAEJob | None]:
+    """The VAE file a VAE-based variant uses (given, or trained from the protocol's vae: block)."""
+    if settings.get("adversary") not in VAE_ADVERSARIES:
+        return None, None
+    if settings.get("vae"):
+        if not Path(settings["vae"]).is_file():
+            raise IdaaError(f"VAE '{settings['vae']}' (variant '{name}') does not exist")
+        return str(settings["vae"]), None
+    if protocol.vae is None:
+        raise IdaaError(f"variant '{name}' uses adversary '{settings['adversary']}' but names no VAE: pass --vae, "
+                        "set settings.vae or add a 'vae:' block")
+    inherited = {k: protocol.preset.get(k) for k in VAE_INHERITED if k != "seed"}
+    inherited.update({k: v for k, v in protocol.overrides.items() if k in VAE_INHERITED})
+    job = VAEJob({**{k: v for k, v in inherited.items() if v is not None}, **protocol.vae}, protocol.out / "vae")
+    return str(job.run / "vae.pt"), job
+
+
+def _config(protocol: Protocol, settings: dict[str, Any], seed: int, path: Path,
+            name: str) -> tuple[dict[str, Any], VAEJob | None]:
+    vae, job = _vae_for(protocol, settings, name)
+    settings = {**settings, "vae": vae, "seed": seed}
+    config = dataclasses.asdict(resolve_config(settings, {"out": str(path)}))
+    return config, job
+
+
+def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None) -> list[Run]:
+    """Every run in training order (dependencies first, seed by seed within a stage), each config validated."""
+    resolved = read_resolved(protocol) if resolved is None else resolved
+    runs = []
+    for stage in stages(protocol):
+        for seed in protocol.seeds:
+            for name in stage:
+                variant = protocol.variants[name]
+                path = protocol.out / "runs" / f"{name}-s{seed}"
+                settings = variant_settings(protocol, variant, resolved)
+                if settings is None:  # validate against every stand-in now; plan it for real once resolved
+                    for stand_in in _stand_ins(variant):
+                        _config(protocol, variant_settings(protocol, variant, {name: stand_in}), seed, path, name)
+                    runs.append(Run(name, seed, path, None, None, variant.depends_on))
+                    continue
+                config, job = _config(protocol, settings, seed, path, name)
+                runs.append(Run(name, seed, path, config, job, []))
+    return runs
+
+
+def results_by_variant(runs: list[Run]) -> dict[str, dict[int, RunResult]]:
+    """Every run's measurements, by variant then seed."""
+    table: dict[str, dict[int, RunResult]] = {}
+    for run in runs:
+        epochs = run.config["epochs"] if run.config else None
+        table.setdefault(run.variant, {})[run.seed] = read_run(run.path, epochs)
+    return table
+
+
+def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, Any] | None:
+    """Measure what a deferred variant needs from its finished dependencies (None if some are unfinished)."""
+    results = results_by_variant([r for r in runs if r.variant in variant.depends_on])
+    for dep in variant.depends_on:
+        if len(results.get(dep, {})) < len(protocol.seeds) or any(r.status != "done" for r in results[dep].values()):
+            return None
+    if variant.best_of:
+        knn = {c: statistics.fmean(r.knn_top1 for r in results[c].values()) for c in variant.best_of}
+        best = max(variant.best_of, key=lambda c: knn[c])
+        return {"best": best, "mean_knn_top1": knn, "seeds": protocol.seeds}
+    target = statistics.fmean(r.train_time for r in results[variant.match_time_of].values())
+    rate = statistics.fmean(r.train_time / r.epochs for r in results[variant.rate_from].values())
+    return {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
+            "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
+            "seeds": protocol.seeds}
+
+
+def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
+    """Resolve the stage's deferred variants (their dependencies have just finished) and re-plan."""
+    resolved = read_resolved(protocol)
+    changed = False
+    for name in stage:
+        variant = protocol.variants[name]
+        if not variant.deferred or name in resolved:
+            continue
+        found = resolve(protocol, variant, runs)
+        if found is None:
+            raise IdaaError(f"variant '{name}' needs the finished runs of {', '.join(variant.depends_on)}")
+        resolved[name] = found
+        changed = True
+        what = f"{found['epochs']} epochs" if "epochs" in found else f"the settings of '{found['best']}'"
+        echo(f"{WHAT}: resolved {name}: {what}")
+    if changed:
+        atomic_write_text(protocol.out / "resolved.json", json.dumps(resolved, indent=1) + "\n")
+    return plan(protocol, resolved)
+
+
+def _train(run: Run, progress: bool, echo: Any) -> None:
+    assert run.config is not None
+    status = run_status(run.path, run.config, "the protocol")
+    if status == "done":
+        echo(f"{WHAT}: {run.name} is finished, reusing it")
+        return
+    if run.vae is not None:
+        ensure_vae(run.vae, progress, echo, WHAT)
+    command = pretrain_command(run.config, run.preset, status)
+    echo(f"{WHAT}: {'resuming' if status == 'partial' else 'training'} {run.name}")
+    run_child(command + ([] if progress else ["--no-progress"]), run.name, WHAT)
+
+
+def linear_command(run: Run, limit: int | None) -> str:
+    """The `idaa eval linear` command line whose result the report shows for this run."""
+    return f"idaa eval linear {run.path / 'last.ckpt'}" + (f" --limit {limit}" if limit else "")
+
+
+def linear_result(run: Run, limit: int | None) -> dict[str, Any] | None:
+    """The run's eval.json when it was made from the current last.ckpt with this protocol's limit."""
+    path = run.path / "eval.json"
+    if not path.is_file() or not (run.path / "last.ckpt").is_file():
+        return None
+    from idaa.evaluate.features import file_digest
+
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    fresh = record.get("checkpoint_sha256") == file_digest(run.path / "last.ckpt")
+    return record if fresh and record.get("reproduce_limit", "absent") == limit else None
+
+
+def _linear(run: Run, limit: int | None, progress: bool, echo: Any) -> None:
+    if run.config is None or run_status(run.path, run.config, "the protocol") != "done":
+        echo(f"{WHAT}: {run.name} is unfinished, no linear probe")
+        return
+    if linear_result(run, limit) is not None:
+        echo(f"{WHAT}: linear probe of {run.name} is done, reusing it")
+        return
+    from idaa.evaluate.protocol import LinearEvalOptions, linear_eval
+    from idaa.evaluate.results import write_result
+
+    echo(f"{WHAT}: {linear_command(run, limit)}")
+    out = run.path / "eval.json"
+    opts = LinearEvalOptions(limit=limit, device=run.config["device"], progress=progress, out=str(out))
+    result = linear_eval(str(run.path / "last.ckpt"), opts)
+    result.pop("out", None)
+    write_result(out, {**result, "reproduce_limit": limit})
+
+
+def status_lines(protocol: Protocol, runs: list[Run]) -> list[str]:
+    """What --dry-run prints: every run and whether it is done, partial, new or waiting for others."""
+    states = [run_status(r.path, r.config, "the protocol") if r.config else f"waits for {', '.join(r.waits_for)}"
+              for r in runs]
+    lines = [f"{WHAT}: {len(runs)} runs in {protocol.out} ({states.count('done')} finished)"]
+    return lines + [f"  {run.name}: {state}" for run, state in zip(runs, states, strict=True)]
+
+
+def run_reproduce(protocol: Protocol, progress: bool = True, echo: Any = print,
+                  write: Any = None) -> list[Run]:
+    """Train what is missing, stage by stage and run by run, then the linear probes; `write(runs)` reports."""
+    runs = plan(protocol)  # every config is checked before anything is written
+    try:
+        protocol.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdaaError(f"cannot create '{protocol.out}' ({exc.strerror or type(exc).__name__})") from None
+    for stage in stages(protocol):
+        if any(protocol.variants[name].deferred for name in stage):
+            if protocol.overrides.get("max_steps") is not None:  # a smoke run: the dependencies stay unfinished
+                echo(f"{WHAT}: --max-steps: not resolving {', '.join(stage)} (it needs finished runs)")
+                break
+            runs = _resolve_stage(protocol, stage, runs, echo)
+        for run in [r for r in runs if r.variant in stage]:
+            _train(run, progress, echo)
+            if write is not None:
+                write(runs)
+    for run in [r for r in runs if r.variant in protocol.linear]:
+        _linear(run, protocol.linear_limit, progress, echo)
+        if write is not None:
+            write(runs)
+    return runs

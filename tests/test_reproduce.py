@@ -1,0 +1,234 @@
+"""`idaa reproduce`: a tiny protocol on digits end to end, resume, matched-time resolution, verdicts, bad input."""
+
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from idaa.analysis.time_to_accuracy import read_metrics
+from idaa.cli import main
+from idaa.errors import IdaaError
+from idaa.experiments import reproduce
+from idaa.experiments.measure import RunResult, compare, time_fractions
+from idaa.experiments.protocol import read_protocol
+from idaa.experiments.report import END, START, write_readme_section
+from idaa.experiments.reproduce import _resolve_stage, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = """base:
+  method: simclr
+  dataset: digits
+  limit: 128
+  backbone: resnet18-cifar
+  width: 4
+  epochs: 2
+  batch_size: 64
+  lr: 0.001
+  knn_every: 1
+  knn_k: 20
+"""
+GRID = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  random-view: {adversary: random-view}
+compare:
+  - [random-view, none]
+linear:
+  variants: [none]
+  limit: 128
+"""
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def protocol_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "protocol.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def final(run: Path) -> dict:
+    return read_metrics(run)[-1]
+
+
+def in_process(command: list[str], name: str, what: str) -> None:
+    """The child `python -m idaa ...` run inside the test process (a child pays ~7 s of imports here)."""
+    assert command[:3] == [sys.executable, "-m", "idaa"]
+    assert main(command[3:]) == 0, f"{name} failed"
+
+
+def test_reproduce_reports_the_grid_and_redoes_only_the_unfinished_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid, out = protocol_file(tmp_path, GRID), tmp_path / "report"
+    argv = ["reproduce", grid, "--out", str(out), "--no-progress"]
+    with monkeypatch.context() as patch:  # the first pass trains in-process; the resume below is a real child
+        patch.setattr(reproduce, "run_child", in_process)
+        code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    assert printed.count("reproduce: training") == 4
+    for name in ("report.md", "results.csv", "accuracy-vs-time.png", "time-to-accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["variant"], r["seed"], r["status"]) for r in rows] == [
+        ("none", "0", "done"), ("random-view", "0", "done"), ("none", "1", "done"), ("random-view", "1", "done")]
+    knn = {}
+    for row in rows:  # every number comes from the run's own files
+        record = final(Path(row["run"]))
+        assert float(row["knn_top1"]) == record["knn_top1"] and float(row["train_time_s"]) == record["train_time"]
+        assert 0 < record["train_time"] < record["time"] and record["monitor_time"] > 0
+        knn.setdefault(row["variant"], []).append(record["knn_top1"])
+    a, b = knn["random-view"], knn["none"]
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(statistics.variance(a) / 2 + statistics.variance(b) / 2)
+    verdict = ("real: random-view better" if diff > 0 else "real: none better") if abs(diff) > 2 * se \
+        else "within noise"
+    report = (out / "report.md").read_text()
+    assert f"| {diff:+.2f} | {2 * se:.2f} | {verdict} |" in report
+    linear = [json.loads((out / "runs" / f"none-s{s}" / "eval.json").read_text())["linear_top1"] for s in (0, 1)]
+    assert f"| none | 2 | {statistics.fmean(linear):.2f} ± {statistics.stdev(linear):.2f} |" in report
+    assert f"idaa pretrain --config {out}/presets/random-view-s1.yaml --out {out}/runs/random-view-s1" in report
+    assert f"idaa reproduce {grid} --out {out}" in report and "`--adversary random-view`" in report
+
+    # a reproduce killed during random-view-s1 leaves it interrupted after a step
+    interrupted = out / "runs" / "random-view-s1"
+    assert main(["pretrain", "--config", str(out / "presets" / "random-view-s1.yaml"), "--out", str(interrupted),
+                 "--overwrite", "--max-steps", "1", "--no-progress"]) == 0
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("last.ckpt") if p.parent != interrupted}
+    assert len(kept) == 3
+    capsys.readouterr()
+    readme = tmp_path / "summary.md"
+    code, printed, err = run([*argv, "--readme-section", str(readme)], capsys)
+    assert code == 0, err
+    summary = readme.read_text()
+    assert summary.startswith(START) and summary.endswith(END + "\n")
+    assert "random-view vs none at equal epochs" in summary and "| random-view | `--adversary random-view` |" in summary
+    assert "resuming random-view-s1" in printed and printed.count("is finished, reusing it") == 3
+    assert printed.count("linear probe of") == 2, "the linear probes of unchanged checkpoints are reused"
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept
+    records = read_metrics(interrupted)
+    assert records[0]["partial"] and records[0]["step"] == 1 and records[-1]["step"] == 4, "continued, not redone"
+    times = [r["train_time"] for r in records]
+    assert times == sorted(times), "training time carries over the resume"
+
+
+def fake_run(run: Path, epochs: int, seconds_per_epoch: float, knn: list[float]) -> None:
+    """A finished run as metrics.jsonl and last.ckpt leave it (what resolution and the report read)."""
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"not read")
+    lines = [json.dumps({"epoch": e, "step": e, "time": 1.5 * e * seconds_per_epoch, "knn_top1": knn[e - 1],
+                         "train_time": e * seconds_per_epoch, "monitor_time": 0.5 * e}) for e in range(1, epochs + 1)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_matched_time_and_best_of_variants_are_resolved_from_finished_runs(tmp_path, capsys):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  slow: {adversary: random-view}
+  slower: {adversary: random-view, alpha: 0.5}
+  none-time-slow: {match_time_of: slow}
+  best-alpha2: {best_of: [slow, slower], alpha: 2.0}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    runs = plan(protocol)
+    assert [(r.name, r.config is None) for r in runs[-4:]] == [
+        ("none-time-slow-s0", True), ("best-alpha2-s0", True), ("none-time-slow-s1", True), ("best-alpha2-s1", True)]
+    code, printed, _ = run(["reproduce", protocol_file(tmp_path, text), "--out", str(tmp_path / "rep"), "--dry-run"],
+                           capsys)
+    assert code == 0 and "none-time-slow-s1: waits for slow, none" in printed and not (tmp_path / "rep").exists()
+    for seed, (none_rate, slow_rate) in enumerate([(1.0, 3.0), (1.2, 3.4)]):
+        fake_run(protocol.out / "runs" / f"none-s{seed}", 2, none_rate, [40.0, 50.0])
+        fake_run(protocol.out / "runs" / f"slow-s{seed}", 2, slow_rate, [45.0, 55.0 + seed])
+        fake_run(protocol.out / "runs" / f"slower-s{seed}", 2, slow_rate, [45.0, 52.0])
+    runs = _resolve_stage(protocol, ["none-time-slow", "best-alpha2"], runs, echo=lambda text: None)
+    resolved = json.loads((protocol.out / "resolved.json").read_text())
+    # slow trains 2 epochs at 3.2 s/epoch on average (6.4 s), none takes 1.1 s/epoch: 6.4 / 1.1 -> 6 epochs
+    assert resolved["none-time-slow"]["epochs"] == round(6.4 / 1.1) == 6
+    assert resolved["best-alpha2"]["best"] == "slow", "slow's mean final kNN (55.5) beats slower's (52)"
+    matched = next(r for r in runs if r.name == "none-time-slow-s1").config
+    best = next(r for r in runs if r.name == "best-alpha2-s0").config
+    assert (matched["epochs"], matched["adversary"], matched["seed"]) == (6, "none", 1)
+    assert (best["adversary"], best["alpha"], best["epochs"]) == ("random-view", 2.0, 2)
+
+
+def test_verdicts_and_time_fractions_against_hand_computed_values():
+    v = compare([50.0, 52.0, 54.0], [47.0, 48.0, 49.0])
+    se = math.sqrt(4 / 3 + 1 / 3)  # variances 4 and 1 over 3 seeds each
+    assert v.difference == pytest.approx(4.0) and v.standard_error == pytest.approx(se) and v.verdict == "real"
+    assert compare([50.0, 56.0], [49.0, 51.0]).verdict == "within noise"  # diff 3 < 2 * sqrt(9 + 1)
+    assert compare([50.0], [49.0, 51.0]).verdict == "one seed: no verdict"
+
+    def curve(seconds, knn):
+        return RunResult("done", len(knn), knn[-1], seconds[-1], curve_epochs=list(range(1, len(knn) + 1)),
+                         curve_seconds=seconds, curve_knn=knn)
+
+    reference = {0: curve([10, 20, 30], [30, 38, 40]), 1: curve([10, 20, 30], [30, 41, 40])}
+    variant = {0: curve([20, 40, 60], [35, 40, 45]), 1: curve([20, 40, 60], [35, 39, 39])}
+    fractions, compared = time_fractions(variant, reference)
+    # seed 0: reaches 40 at 40 s, the reference first at 30 s; seed 1: the reference's 40 (first at 20 s) is
+    # never reached
+    assert compared == 2 and fractions == [pytest.approx(40 / 30)]
+
+
+def test_shipped_protocols_plan_every_run(tmp_path, capsys):
+    vae = tmp_path / "vae.pt"
+    vae.write_bytes(b"checked for existence only by the dry run")
+    code, printed, err = run(["reproduce", str(ROOT / "configs/reproduce/cpu-protocol-cifar10.yaml"), "--vae", str(vae),
+                              "--out", str(tmp_path / "cpu"), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "27 runs" in printed and printed.count("waits for") == 9 and "idaa-frac0.25-s2: new" in printed
+    code, printed, err = run(["reproduce", str(ROOT / "configs/reproduce/cpu-protocol-cifar10-equal-time.yaml"),
+                              "--vae", str(vae), "--out", str(tmp_path / "eq"), "--dry-run"], capsys)
+    assert code == 0 and "7 runs" in printed, err
+    code, printed, err = run(["reproduce", str(ROOT / "configs/reproduce/digits-tiny.yaml"), "--seeds", "3",
+                              "--variants", "none-time-idaa", "--out", str(tmp_path / "tiny"), "--dry-run"], capsys)
+    assert code == 0, err
+    assert [line.split(":")[0].strip() for line in printed.splitlines()[1:]] == [
+        "none-s3", "idaa-s3", "none-time-idaa-s3"], "a chosen variant brings the variants it is measured against"
+    assert not any((tmp_path / name).exists() for name in ("cpu", "eq", "tiny"))
+
+
+def test_readme_section_replaces_only_the_marked_part(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{START}\nold numbers\n{END}\nafter\n")
+    write_readme_section(readme, f"{START}\nnew numbers\n{END}\n")
+    assert readme.read_text() == f"# title\n\nbefore\n{START}\nnew numbers\n{END}\nafter\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers here\n")
+    with pytest.raises(IdaaError, match="markers"):
+        write_readme_section(plain, f"{START}\nx\n{END}\n")
+    assert plain.read_text() == "no markers here\n"
+
+
+@pytest.mark.parametrize("text, extra, message", [
+    ("seeds: [0]\nvariants: {none: {}}\nbogus: 1\n", [], "unknown config key(s) bogus"),
+    ("variants: {none: {gamma: 1}}\n", [], "unknown setting(s) gamma in variant 'none'"),
+    ("variants: {none: {batch_size: 0}}\n", [], "--batch-size must be"),
+    ("variants: {idaa: {adversary: idaa}}\n", [], "names no VAE"),
+    ("variants: {idaa: {adversary: idaa}}\n", ["--vae", "{tmp}/missing.pt"], "does not exist"),
+    ("variants: {none: {}}\n", ["--seeds", "0,one"], "--seeds must be integers"),
+    ("variants: {none: {}}\n", ["--seeds", "1,1"], "lists a seed twice"),
+    ("variants: {none: {}}\n", ["--variants", "idaa"], "unknown variant(s) idaa"),
+    ("variants: {none: {}, m: {match_time_of: idaa}}\n", [], "refers to unknown variant 'idaa'"),
+    ("variants: {a: {best_of: [b]}, b: {best_of: [a]}}\n", [], "form a cycle"),
+    ("variants: {none: {}}\ncompare: [[none, idaa]]\n", [], "'idaa' (in compare or linear) is not one of"),
+    ("variants: {}\n", [], "has no variants"),
+    ("variants: {none: {}}\n", ["--max-steps", "0"], "--max-steps must be"),
+])
+def test_bad_protocols_exit_2_with_one_line_and_write_nothing(text, extra, message, tmp_path, capsys):
+    grid = protocol_file(tmp_path, BASE + text)
+    out = tmp_path / "out"
+    code, _, err = run(["reproduce", grid, "--out", str(out), *[e.format(tmp=tmp_path) for e in extra]], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
