@@ -14,11 +14,11 @@ from PIL import Image
 
 from idaa.analysis.diagnose import identity_distances, summarise
 from idaa.analysis.setup import attacked_views, load_attack_setup
-from idaa.analysis.sweep import plan_sweep, read_grid
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.analysis.vae_report import vae_statistics
 from idaa.cli import main
 from idaa.errors import IdaaError
+from idaa.experiments.sweep import plan_sweep, read_grid
 from idaa.nets import VAE, save_vae
 
 TINY_GRID = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "digits-tiny.yaml"

@@ -122,7 +122,8 @@ def test_pretrain_refuses_a_vae_from_another_dataset(tmp_path, tiny_vae, capsys)
 
 
 PRESETS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")
-                 if not p.name.startswith("semi-") and p.parent.name != "sweeps")  # sweeps are grids, not presets
+                 if not p.name.startswith("semi-")
+                 and p.parent.name not in ("sweeps", "reproduce"))  # sweep grids and reproduce protocols: not presets
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -142,7 +143,7 @@ def test_paper_presets_match_their_generator():
 
     script = Path(__file__).parents[1] / "scripts" / "make_presets.py"
     assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
-    assert len([p for p in PRESETS if p.parent.name == "paper"]) == 66
+    assert len([p for p in PRESETS if p.parent.name == "paper"]) == 72
 
 
 @pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").rglob("semi-*.yaml")),

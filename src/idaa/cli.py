@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from idaa.errors import IdaaError
 
-ANALYSIS_COMMANDS = ("diagnose", "gallery", "sweep", "plot")
+ANALYSIS_COMMANDS = ("diagnose", "gallery", "plot", "embed")
+EXPERIMENT_COMMANDS = ("sweep", "reproduce")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +33,18 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "cifar10") -> No
     p.add_argument("--download", action="store_true", help="fetch the official archive (cifar10/100, stl10)")
 
 
+def _add_stream(p: argparse.ArgumentParser, image_size: bool = False) -> None:
+    from idaa.data.sources import add_stream_arguments
+
+    add_stream_arguments(p, image_size)
+
+
+def _sources(args: argparse.Namespace) -> object:
+    from idaa.data.sources import options_from
+
+    return options_from(args, getattr(args, "seed", 0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="idaa", description="Identity-Disentangled Adversarial Augmentation for SSL")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--policy", default="clae", help="augmentation policy of the training views")
     t.add_argument("--limit", type=int, default=None, help="train on a seeded class-balanced subset of N images")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--logger", default=None, help="trackers, comma-separated: tensorboard, wandb, mlflow, csv or none "
+                   "(default: tensorboard when installed; MLflow and W&B read $MLFLOW_TRACKING_URI, $WANDB_PROJECT)")
     _add_common(t)
+    _add_stream(t, image_size=True)
 
     c = vae.add_parser("check", help="show what a vae.pt was trained on; with --dataset, check that it fits")
     c.add_argument("vae", help="path to vae.pt")
@@ -74,12 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="auto")
     k.add_argument("--out", default=None, help="result file (default: eval_knn.json beside the checkpoint)")
     k.add_argument("--no-progress", action="store_true")
+    _add_stream(k)
     _add_linear_eval(ev)
     _add_export_report(sub)
 
     from idaa.analysis.cli_args import add_analysis_parsers
 
-    add_analysis_parsers(sub)  # diagnose, gallery, sweep, plot
+    add_analysis_parsers(sub)  # diagnose, gallery, plot, embed
+    from idaa.experiments.cli_args import add_experiment_parsers
+
+    add_experiment_parsers(sub)  # sweep, reproduce
+    from idaa.data.cli_args import add_data_parser
+
+    add_data_parser(sub)  # data pack, data list
     _add_bench(sub)
     d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
@@ -108,12 +131,15 @@ def _add_linear_eval(ev: argparse._SubParsersAction) -> None:
                        help="images per forward pass (the --augment probe uses minibatches of at most 256)")
         p.add_argument("--out", default=None, help="result file (default: beside the checkpoint)")
         _add_common(p)
+        _add_stream(p)
 
 
 def _add_export_report(sub: argparse._SubParsersAction) -> None:
-    x = sub.add_parser("export", help="the backbone alone (main BN) + metadata, for idaa.load_backbone")
-    x.add_argument("checkpoint")
+    x = sub.add_parser("export", help="the backbone alone (main BN) + metadata, for idaa.load_backbone or detectron2")
+    x.add_argument("checkpoint", help="a pretraining checkpoint, or an exported .pt/.safetensors file to convert")
     x.add_argument("--out", required=True, help="file to write, e.g. backbone.pt")
+    x.add_argument("--format", default=None, choices=("pt", "safetensors", "detectron2"),
+                   help="default: by the suffix of --out (.safetensors, .pkl = detectron2, else pt)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
     r = sub.add_parser("report", help="one table from the eval*.json files of several runs")
     r.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run folders (searched recursively) or files")
@@ -136,6 +162,8 @@ _PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("attack-graph", str, "separate (the paper's: x~ through the adversarial BN) or clean (gradient from v1's "
      "own graph at delta = 0: no extra forward; FGSM only)"),
     ("attack-fraction", float, "attack only this fraction of each batch (the cheaper mode; default 1)"),
+    ("attack-every", int, "attack only every k-th step; the others compute the clean loss alone (default 1)"),
+    ("attack-from-epoch", int, "attack only from this epoch on (default 0: from the start)"),
     ("alpha", float, "weight of L(v1, x')"),
     ("knn-every", int, "online kNN every N epochs (0 = off)"), ("knn-k", int, ""), ("knn-temperature", float, ""),
     ("checkpoint-every", int, "keep epochNNNN.ckpt every N epochs"),
@@ -143,6 +171,13 @@ _PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("skip-nonfinite", int, "skip up to K steps whose loss or gradient is NaN/inf (default 0: stop at the first)"),
     ("max-steps", int, "stop after N steps"),
     ("seed", int, ""), ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32, bf16 or fp16 (autocast)"),
+    ("image-size", int, "crop size of streamed images (default: their size if uniform, else 224)"),
+    ("workers", int, "processes decoding streamed images (default: the cores less one)"),
+    ("bad-images", str, "error (default: stop, naming the file) or skip unreadable images"),
+    ("logger", str, "trackers, comma-separated: tensorboard, wandb, mlflow, csv or none (default: tensorboard "
+     "when installed; metrics.jsonl is always written)"),
+    ("mlflow-uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns)"),
+    ("wandb-project", str, "W&B project (default: $WANDB_PROJECT, else idaa)"), ("wandb-entity", str, ""),
 ]
 
 
@@ -155,6 +190,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a method setting, e.g. tau_plus=0.1 or queue_size=4096 (repeatable)")
     p.add_argument("--random-start", action="store_true", default=None, help="PGD random start in the eps-ball")
+    p.add_argument("--embed-map", action="store_true", default=None,
+                   help="at the end, write embed.png/csv: a 2-d map of the test features (see idaa embed)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on CUDA: batch statistics over all ranks (SyncBatchNorm)")
     p.add_argument("--channels-last", action="store_true", default=None,
@@ -162,6 +199,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbone (the first steps pay the compilation)")
     p.add_argument("--download", action="store_true", default=None)
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="decode images from their files in worker processes (automatic for mixed or large images)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -180,7 +219,7 @@ def _pretrain(args: argparse.Namespace) -> None:
         preset = read_preset(Path(args.out) / "config.yaml")
         preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
     names = [flag.replace("-", "_") for flag, _, _ in _PRETRAIN_FLAGS] + [
-        "random_start", "sync_bn", "channels_last", "compile", "download", "out"]
+        "random_start", "sync_bn", "channels_last", "compile", "download", "out", "stream", "embed_map"]
     overrides = {name: getattr(args, name) for name in names}
     if args.method_option:
         options = dict((preset or {}).get("method_options") or {})
@@ -259,7 +298,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     result = knn_from_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.limit, args.k, args.temperature,
                                  args.features, args.metric, args.device, out=args.out,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, sources=_sources(args))
     print(f"kNN top-1 {result['knn_top1']:.2f}%  (k={result['k']}, T={result['temperature']}, "
           f"{result['features']} features, bank {result['bank']}, queries {result['queries']}) -> {result['out']}")
 
@@ -269,7 +308,8 @@ def _eval_linear(args: argparse.Namespace) -> None:
 
     opts = LinearEvalOptions(dataset=args.dataset, data_dir=args.data_dir, features=args.features, limit=args.limit,
                              device=args.device, seed=args.seed, augment=args.augment, epochs=args.epochs,
-                             batch_size=args.batch_size, progress=not args.no_progress, out=args.out)
+                             batch_size=args.batch_size, progress=not args.no_progress, out=args.out,
+                             sources=_sources(args))
     r = linear_eval(args.checkpoint, opts, transfer=args.eval_command == "transfer")
     t = r["times"]
     print(f"{r['kind']} {r['dataset']}: top-1 {r['linear_top1']:.2f}%  top-5 {r['linear_top5']:.2f}%  "
@@ -278,11 +318,10 @@ def _eval_linear(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from idaa.export import export_backbone
+    from idaa.export import describe_export, export_backbone
 
-    meta = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"export: {meta['backbone']} (width {meta['width']}, {meta['out_dim']}-d features, "
-          f"{meta['image_size']} px) -> {args.out}; load with idaa.load_backbone")
+    meta = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite, fmt=args.format)
+    print(describe_export(meta, args.out))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -294,7 +333,7 @@ def _report(args: argparse.Namespace) -> None:
         return
     from pathlib import Path
 
-    from idaa.train.run_dir import atomic_write_bytes
+    from idaa.fileio import atomic_write_bytes
 
     try:
         atomic_write_bytes(Path(args.out), lambda handle: handle.write(text.encode()))
@@ -315,9 +354,9 @@ def _vae_check(args: argparse.Namespace) -> None:
     print(f"{args.vae}: {vae.image_size} px, latent {vae.latent_dim}, trained on {meta.get('dataset', '?')} "
           f"({meta.get('train_images', '?')} images, {meta.get('epochs', '?')} epochs, beta {meta.get('beta', '?')})")
     if args.dataset is not None:
-        from idaa.data.datasets import load_dataset
+        from idaa.data.sources import open_dataset
 
-        data = load_dataset(args.dataset, args.data_dir, split="train", download=args.download)
+        data = open_dataset(args.dataset, args.data_dir, "train", args.download, default_size=vae.image_size)
         check_vae_fits(vae, data.name, data.image_size, data.mean, data.std)
         print(f"fits {data.name} ({data.image_size} px)")
 
@@ -329,7 +368,7 @@ def _vae_train(args: argparse.Namespace) -> None:
                          latent_dim=args.latent_dim, hidden=args.hidden, beta=args.beta, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, policy=args.policy, limit=args.limit,
                          seed=args.seed, device=args.device, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, sources=_sources(args), logger=args.logger)
     result = train_vae(cfg)
     print(f"vae: epoch {result['epoch']}  held-out reconstruction MSE {result['test_mse']:.4f} "
           f"(relative {result['test_relative_mse']:.3f})  KL {result['test_kl']:.4f}  -> {args.out}/vae.pt")
@@ -350,10 +389,22 @@ def _analysis(args: argparse.Namespace) -> None:
     run_analysis(args)
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    from idaa.experiments.cli_args import run_experiment
+
+    run_experiment(args)
+
+
 def _semi(args: argparse.Namespace) -> None:
     from idaa.semi.cli_args import run_semi
 
     run_semi(args)
+
+
+def _data(args: argparse.Namespace) -> None:
+    from idaa.data.cli_args import run_data
+
+    run_data(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_cpu_allocator()  # every command trains or extracts features: keep freed memory for the next step
     handlers = {"vae": _vae, "pretrain": _pretrain, "bench": _bench, "eval": _eval, "demo": _demo, "semi": _semi,
-                "export": _export, "report": _report, **dict.fromkeys(ANALYSIS_COMMANDS, _analysis)}
+                "export": _export, "report": _report, "data": _data, **dict.fromkeys(ANALYSIS_COMMANDS, _analysis),
+                **dict.fromkeys(EXPERIMENT_COMMANDS, _experiment)}
     try:
         handlers[args.command](args)
     except IdaaError as exc:

@@ -1,7 +1,8 @@
 """`idaa demo`: the IDAA story on the embedded digits data in a few minutes on a laptop CPU.
 
 A VAE splits views into G(x) and R(x); SimCLR trains alone, with IDAA and with CLAE; then the kNN table, the
-augmentation gallery (Fig. 4), the identity-preservation diagnostic (Fig. 1b/1c) and time-to-accuracy (Table 11).
+augmentation gallery (Fig. 4), the identity-preservation diagnostic (Fig. 1b/1c), time-to-accuracy (Table 11) and a
+2-d map of the IDAA model's test features.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from idaa.adversaries import IDAA
-from idaa.analysis import diagnose, gallery, time_to_accuracy
+from idaa.analysis import diagnose, embed, gallery, time_to_accuracy
 from idaa.analysis.setup import load_attack_setup
 from idaa.data.datasets import load_dataset
 from idaa.data.views import build_view_policy
@@ -86,11 +87,14 @@ def _explain(root: Path, vae_path: Path, device: str, seed: int) -> list[tuple[s
     curves = time_to_accuracy.time_to_accuracy([str(root / f"simclr-{a}") for a in ADVERSARIES],
                                                root / "time_to_accuracy.png")
     print(time_to_accuracy.format_table(curves))
+    print(f"{step + 3}. Embedding map of the SimCLR+IDAA model's test features ...")
+    mapped = embed.embed_map(root / "simclr-idaa" / "last.ckpt", out=root, device=device, seed=seed)
     return [("VAE x / G(x) / R(x):", root / "vae" / "reconstructions.png"),
             ("VAE report (error, KL per dimension):", root / "vae" / "vae_report.png"),
             ("augmentation gallery (Fig. 4):", root / "gallery.png"),
             ("identity diagnostic (Fig. 1b/1c):", png),
-            ("time to accuracy (Table 11):", Path(curves["png"]))]
+            ("time to accuracy (Table 11):", Path(curves["png"])),
+            (f"embedding map ({mapped['method']}, IDAA run):", Path(mapped["png"]))]
 
 
 def _show_decomposition(vae_path: Path, device: str, seed: int) -> None:

@@ -1,9 +1,8 @@
-"""`idaa diagnose`, `idaa gallery`, `idaa sweep` and `idaa plot`: their argument parsers and handlers."""
+"""`idaa diagnose`, `idaa gallery` and `idaa plot`: their argument parsers and handlers."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from idaa.errors import IdaaError
@@ -22,6 +21,9 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
                    "else 0.03")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    from idaa.data.sources import add_stream_arguments
+
+    add_stream_arguments(p, image_size=False)  # a streamed set is cropped to the checkpoint's (or VAE's) size
 
 
 def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
@@ -46,12 +48,6 @@ def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--context", type=int, default=None, help="images attacked together (default: run batch size)")
     g.add_argument("--out", default=None, help="PNG path (default: gallery.png in the checkpoint's or VAE's folder)")
 
-    s = sub.add_parser("sweep", help="pretrain a grid of settings from a YAML file -> table and plots (Figs. 5-6)")
-    s.add_argument("grid", help="grid file (see configs/sweeps/)")
-    s.add_argument("--out", default=None, help="sweep folder (default: the grid's out)")
-    s.add_argument("--dry-run", action="store_true", help="show the points and their state, train nothing")
-    s.add_argument("--no-progress", action="store_true")
-
     plot = sub.add_parser("plot", help="plots from run folders")
     kinds = plot.add_subparsers(dest="plot_command", required=True, parser_class=type(plot))
     t = kinds.add_parser("time-to-accuracy", help="kNN accuracy against wall-clock seconds for runs (Table 11)")
@@ -61,19 +57,21 @@ def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--target", type=float, default=None, help="accuracy (percent) to reach (default: the lowest "
                    "final accuracy among the runs)")
     t.add_argument("--metric", default="knn_top1", help="metrics.jsonl key to plot (default knn_top1)")
+    _add_embed_parser(sub)
 
 
 def run_analysis(args: argparse.Namespace) -> None:
-    """Dispatch diagnose, gallery, sweep or plot."""
-    {"diagnose": _diagnose, "gallery": _gallery, "sweep": _sweep, "plot": _plot}[args.command](args)
+    """Dispatch diagnose, gallery, plot or embed."""
+    {"diagnose": _diagnose, "gallery": _gallery, "plot": _plot, "embed": _embed}[args.command](args)
 
 
 def _diagnose(args: argparse.Namespace) -> None:
     from idaa.analysis.diagnose import format_table, run_diagnostic, write_diagnostic
     from idaa.analysis.setup import load_attack_setup
+    from idaa.data.sources import options_from
 
     setup = load_attack_setup(args.checkpoint, args.vae, args.dataset, args.data_dir, args.split, args.eps_idaa,
-                              args.eps_clae, args.device, args.seed)
+                              args.eps_clae, args.device, args.seed, options_from(args, args.seed))
     result = run_diagnostic(setup, args.n, args.batch_size, args.attack_view, args.negatives, args.bn, args.seed)
     png, js = write_diagnostic(result, args.out or Path(args.checkpoint).parent)
     for note in result["notes"]:
@@ -82,14 +80,17 @@ def _diagnose(args: argparse.Namespace) -> None:
           f"(attack on {args.attack_view}, negatives: other samples' {args.negatives}, {args.bn} BN):\n")
     print(format_table(result))
     print(f"\n-> {png}\n-> {js}")
+    _to_trackers(args.checkpoint, {f"diagnose/{name}/{key}": value for name, stats in result["summary"].items()
+                                   for key, value in stats.items() if key != "n"}, [png, js])
 
 
 def _gallery(args: argparse.Namespace) -> None:
     from idaa.analysis.gallery import make_gallery
     from idaa.analysis.setup import load_attack_setup
+    from idaa.data.sources import options_from
 
     setup = load_attack_setup(args.checkpoint, args.vae, args.dataset, args.data_dir, args.split, args.eps_idaa,
-                              args.eps_clae, args.device, args.seed)
+                              args.eps_clae, args.device, args.seed, options_from(args, args.seed))
     if args.out is not None:
         out = Path(args.out)
     else:
@@ -104,21 +105,7 @@ def _gallery(args: argparse.Namespace) -> None:
           f"{info['mean_abs_change']['idaa']:.4f}, CLAE {info['mean_abs_change']['clae']:.4f}; differences "
           f"amplified x{info['amplification']['idaa']:.1f} (IDAA), x{info['amplification']['clae']:.1f} (CLAE)")
     print(f"-> {info['png']}")
-
-
-def _sweep(args: argparse.Namespace) -> None:
-    from idaa.analysis.sweep import SweepStopped, format_table, read_grid, run_sweep
-
-    grid = read_grid(args.grid, args.out)
-    try:
-        report = run_sweep(grid, progress=not args.no_progress, dry_run=args.dry_run)
-    except SweepStopped as stop:
-        print(f"idaa: {stop}", file=sys.stderr)
-        raise SystemExit(stop.code) from None
-    if args.dry_run:
-        return
-    print("\n" + format_table(report["rows"]))
-    print("\n".join(f"-> {path}" for path in [report["table"], *report["plots"]]))
+    _to_trackers(args.checkpoint or args.vae, files=[info["png"]])
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -130,3 +117,38 @@ def _plot(args: argparse.Namespace) -> None:
     result = time_to_accuracy(args.runs, out, args.target, args.metric)
     print(format_table(result))
     print(f"(seconds to the target are read at the runs' kNN evaluations)\n-> {result['png']}")
+    for run in args.runs:
+        _to_trackers(run, files=[result["png"]])
+
+
+def _add_embed_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("embed", help="2-d map (UMAP or t-SNE) of test features by class -> embed.png/csv")
+    e.add_argument("checkpoint", help="a pretraining checkpoint (last.ckpt)")
+    e.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--limit", type=int, default=None, help="map a seeded class-balanced subset of N test images")
+    e.add_argument("--method", default="auto", choices=("auto", "umap", "tsne"),
+                   help="auto: UMAP when umap-learn is installed (idaa[umap]), else t-SNE")
+    e.add_argument("--out", default=None, help="folder for embed.png and embed.csv (default: the checkpoint's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from idaa.analysis.embed import embed_map
+
+    info = embed_map(args.checkpoint, args.dataset, args.data_dir, args.limit, args.method, args.out, args.device,
+                     args.seed, progress=not args.no_progress)
+    print(f"embedding map ({info['method']}) of {info['n']} {info['dataset']} test images, {info['classes']} classes, "
+          f"in {info['seconds']:.1f} s\n-> {info['png']}\n-> {info['csv']}")
+    _to_trackers(args.checkpoint, files=[info["png"]])
+
+
+def _to_trackers(source: str | None, metrics: dict | None = None, files: list = ()) -> None:
+    """Append results to the trackers of the run folder `source` names (the folder, or a file inside it)."""
+    from idaa.tracking import log_to_run
+
+    if source:
+        path = Path(source)
+        log_to_run(path if path.is_dir() else path.parent, metrics, files)

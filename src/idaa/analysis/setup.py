@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from idaa.adversaries import Adversary, build_adversary
 from idaa.checkpoints import build_from_config, load_method
-from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -33,7 +33,7 @@ class AttackSetup:
 
     method: Method
     config: dict[str, Any]
-    data: ImageDataset
+    data: Dataset
     views: ViewPolicy
     vae: VAE
     adversaries: dict[str, Adversary]
@@ -81,7 +81,8 @@ def _budget(name: str, given: float | None, cfg: dict[str, Any]) -> tuple[float,
 
 def load_attack_setup(checkpoint: str | None, vae_path: str | None, dataset: str | None = None,
                       data_dir: str | None = None, split: str = "train", eps_idaa: float | None = None,
-                      eps_clae: float | None = None, device: str = "auto", seed: int = 0) -> AttackSetup:
+                      eps_clae: float | None = None, device: str = "auto", seed: int = 0,
+                      sources: StreamOptions | None = None) -> AttackSetup:
     """Load everything an attack on real data needs; every mismatch (data, image size, VAE) is a one-line error."""
     dev = resolve_device(device)
     notes: list[str] = []
@@ -108,7 +109,9 @@ def load_attack_setup(checkpoint: str | None, vae_path: str | None, dataset: str
         data_dir = cfg.get("data_dir")
     elif data_dir is None and name == vae.meta.get("dataset"):
         data_dir = vae.meta.get("data_dir")
-    data = load_dataset(name, data_dir, split=split)
+    size = blob["data"]["image_size"] if checkpoint is not None else vae.image_size  # crop size if streamed
+    own_data = checkpoint is not None and name == cfg.get("dataset")
+    data = open_dataset(name, data_dir, split, options=checkpoint_options(cfg, own_data, sources), default_size=size)
     if checkpoint is not None and split == "train" and name == cfg.get("dataset") and cfg.get("limit"):
         data = data.take(min(cfg["limit"], len(data)), seed=cfg.get("seed", 0))  # the run's own training subset
     check_vae_fits(vae, data.name, data.image_size, data.mean, data.std)

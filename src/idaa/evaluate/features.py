@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from idaa.data.datasets import ImageDataset
-from idaa.train.run_dir import atomic_torch_save
+from idaa.fileio import atomic_torch_save
 
 CACHE_FOLDER = "feature-cache"
 CACHE_VERSION = 1
@@ -42,7 +42,9 @@ def dataset_digest(data: ImageDataset) -> str:
     """sha1 of the images and labels themselves, so a subset, a reordering or changed files is a different key."""
     digest = hashlib.sha1()
     digest.update(str(tuple(data.images.shape)).encode())
-    digest.update(data.images.numpy().tobytes())
+    images = data.images
+    # streamed images: the listing (paths, sizes, mtimes), the rows and the crop size stand for the pixels
+    digest.update(images.digest().encode() if hasattr(images, "digest") else images.numpy().tobytes())
     digest.update(data.labels.numpy().tobytes())
     return digest.hexdigest()
 

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from idaa.checkpoints import load_method
-from idaa.data.datasets import load_dataset
+from idaa.data.sources import StreamOptions, checkpoint_options, open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.evaluate.features import FeatureCache, extract_features
 from idaa.evaluate.results import write_result
+from idaa.tracking import log_to_run
 
 __all__ = ["extract_features", "knn_accuracy", "knn_from_checkpoint", "knn_predict"]
 
@@ -52,7 +53,8 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | None = None,
                         limit: int | None = None, k: int = 200, temperature: float = 0.1,
                         features: str = "backbone", metric: str = "cosine", device: str = "auto",
-                        out: str | None = None, progress: bool = False, cache: bool = True) -> dict:
+                        out: str | None = None, progress: bool = False, cache: bool = True,
+                        sources: StreamOptions | None = None) -> dict:
     """Offline kNN of a checkpoint: bank = the training images it was trained on (or --dataset), queries = test.
 
     Features come from the run folder's feature cache (shared with linear evaluation) when it matches.
@@ -72,11 +74,13 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
     cfg = blob["config"]
     name = dataset or cfg["dataset"]
     root = data_dir if (dataset or data_dir) else cfg["data_dir"]
-    train = load_dataset(name, root, split="train")
+    options = checkpoint_options(cfg, name == cfg["dataset"], sources)
+    size = blob["data"]["image_size"]
+    train = open_dataset(name, root, split="train", options=options, default_size=size)
     limit = limit if limit is not None else (cfg.get("limit") if dataset is None else None)
     if limit is not None:
         train = train.take(min(limit, len(train)), seed=cfg.get("seed", 0))
-    test = load_dataset(name, root, split="test")
+    test = open_dataset(name, root, split="test", options=options, like=train)
     if train.image_size != blob["data"]["image_size"]:
         raise IdaaError(f"checkpoint was trained on {blob['data']['image_size']} px images, '{name}' has "
                         f"{train.image_size} px")
@@ -106,5 +110,6 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
               "config": cfg}
     target = Path(out) if out else Path(path).parent / "eval_knn.json"
     write_result(target, result)
+    log_to_run(Path(path).parent, {"eval/knn_top1": top1}, [target])  # the run's trackers, if any
     result["out"] = str(target)
     return result

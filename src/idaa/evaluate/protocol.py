@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from idaa.checkpoints import load_method
-from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -29,6 +29,7 @@ from idaa.evaluate.linear import (
     topk_accuracy,
 )
 from idaa.evaluate.results import write_result
+from idaa.tracking import log_to_run
 
 FEATURE_SOURCES = ("backbone", "projector")
 AUGMENT_POLICY = "fixmatch-weak"  # flip + up to 12.5% pad-and-crop shift: the standard CIFAR supervised views
@@ -50,6 +51,7 @@ class LinearEvalOptions:
     progress: bool = True
     out: str | None = None
     cache: bool = True
+    sources: StreamOptions | None = None  # --stream/--workers/--bad-images
 
 
 def check_options(opts: LinearEvalOptions) -> None:
@@ -64,7 +66,7 @@ def check_options(opts: LinearEvalOptions) -> None:
                         "trains to convergence)")
 
 
-def _labelled(data: ImageDataset, split: str) -> ImageDataset:
+def _labelled(data: Dataset, split: str) -> Dataset:
     if len(data) == 0 or bool((data.labels < 0).any()):
         raise IdaaError(f"linear evaluation needs labelled images; the {data.name} {split} split has unlabelled ones")
     return data
@@ -90,11 +92,12 @@ def linear_eval(checkpoint: str, opts: LinearEvalOptions, transfer: bool = False
     cfg, meta = blob["config"], blob["data"]
     name = opts.dataset or cfg["dataset"]
     data_dir = opts.data_dir or (cfg.get("data_dir") if name == cfg["dataset"] else None)
-    train = _labelled(load_dataset(name, data_dir, split="train"), "train")
-    test = _labelled(load_dataset(name, data_dir, split="test"), "test")
+    size = int(meta["image_size"])  # streamed images are cropped to it in the workers
+    sources = checkpoint_options(cfg, name == cfg["dataset"], opts.sources)
+    train = _labelled(open_dataset(name, data_dir, "train", options=sources, default_size=size), "train")
+    test = _labelled(open_dataset(name, data_dir, "test", options=sources, like=train), "test")
     if opts.limit is not None:
         train = train.take(min(opts.limit, len(train)), seed=opts.seed)
-    size = int(meta["image_size"])
     if not transfer and train.image_size != size:
         raise IdaaError(f"checkpoint was trained on {size} px images and '{name}' has {train.image_size} px; "
                         "use `idaa eval transfer` to resize")
@@ -135,11 +138,13 @@ def linear_eval(checkpoint: str, opts: LinearEvalOptions, transfer: bool = False
     out = Path(opts.out) if opts.out else Path(checkpoint).parent / (
         f"eval_transfer_{tag}.json" if transfer else "eval.json")
     write_result(out, result)
+    prefix = f"eval/transfer_{tag}" if transfer else "eval/linear"  # to the run's trackers, if any
+    log_to_run(Path(checkpoint).parent, {f"{prefix}_top1": scores[1], f"{prefix}_top5": scores[5]}, [out])
     result["out"] = str(out)
     return result
 
 
-def _augmented_probe(embed: Embed, train: ImageDataset, eval_view: ViewPolicy, size: int, meta: dict[str, Any],
+def _augmented_probe(embed: Embed, train: Dataset, eval_view: ViewPolicy, size: int, meta: dict[str, Any],
                      dev: torch.device, num_classes: int,
                      opts: LinearEvalOptions) -> tuple[LinearProbe, dict[str, Any], dict[str, Any]]:
     """The paper's protocol: fresh random crops/flips of every training image each epoch (no cache there)."""

@@ -24,7 +24,7 @@ from idaa.errors import IdaaError
 RESULT_GLOBS = ("eval.json", "eval_knn.json", "eval_transfer_*.json")
 # config keys that do not change what is trained: seeds are averaged over, the rest is bookkeeping
 NOT_A_SETTING = {"seed", "out", "device", "download", "data_dir", "vae", "knn_every", "checkpoint_every",
-                 "checkpoint_steps", "skip_nonfinite", "max_steps", "command"}
+                 "checkpoint_steps", "skip_nonfinite", "max_steps", "command", "embed_map"}
 ADVERSARY_ORDER = ("none", "random-view", "latent-noise", "clae", "idaa-nodecomp", "idaa")
 FORMATS = ("markdown", "csv")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from idaa.errors import IdaaError
-from idaa.train.run_dir import atomic_write_bytes
+from idaa.fileio import atomic_write_bytes
 
 
 def write_result(path: str | Path, record: dict[str, Any]) -> Path:

@@ -30,9 +30,16 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("max-steps", int, "stop after N steps without changing the schedule (smoke runs)"),
     ("seed", int, "seed of the split, the initial weights and the sampling (0)"),
     ("device", str, "auto, cpu, cuda or cuda:N"), ("precision", str, "fp32 or bf16"),
+    ("image-size", int, "crop size of streamed images (default: their size if uniform, else 224)"),
+    ("workers", int, "processes decoding streamed images (default: the cores less one)"),
+    ("bad-images", str, "error (default: stop, naming the file) or skip unreadable images"),
+    ("logger", str, "trackers, comma-separated: tensorboard, wandb, mlflow, csv or none (default: tensorboard "
+     "when installed)"), ("mlflow-uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else RUN/mlruns)"),
+    ("wandb-project", str, "W&B project (default: $WANDB_PROJECT, else idaa)"), ("wandb-entity", str, "W&B entity"),
 ]
 # Settings that may change when a run is resumed; the rest must match the saved run.
-_RESUMABLE = {"max_steps", "device", "download", "out"}
+_RESUMABLE = {"max_steps", "device", "download", "out", "workers", "logger", "mlflow_uri", "wandb_project",
+              "wandb_entity"}
 
 
 def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,6 +51,8 @@ def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     for flag, kind, text in _FLAGS:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--download", action="store_true", default=None, help="fetch the official archive")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="read a folder from its files (mixed sizes: centre crops at --image-size, once, in memory)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -51,7 +60,7 @@ def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    names = [flag.replace("-", "_") for flag, _, _ in _FLAGS] + ["download", "out"]
+    names = [flag.replace("-", "_") for flag, _, _ in _FLAGS] + ["download", "out", "stream"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from idaa.adversaries import ADVERSARIES
+from idaa.data.sources import StreamOptions
 from idaa.errors import IdaaError
+from idaa.tracking import parse_loggers
 
 METHODS = ("fixmatch", "supervised")
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
@@ -50,6 +52,18 @@ class SemiConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    stream: bool | None = None  # streamed folders are decoded once, as centre crops at image_size, into memory
+    image_size: int | None = None
+    workers: int | None = None
+    bad_images: str = "error"
+    logger: str | None = None  # trackers (idaa.tracking); metrics.jsonl is always written
+    mlflow_uri: str | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+
+    def sources(self) -> StreamOptions:
+        """How the images are read (streamed or in memory), checked."""
+        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed).validate()
 
     def validate(self) -> SemiConfig:
         """One-line errors for impossible values, before any data is read or any folder written."""
@@ -84,6 +98,8 @@ class SemiConfig:
             raise IdaaError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.width is not None and self.backbone.lower().startswith("wrn"):
             raise IdaaError(f"--width sets a ResNet's base width; a WideResNet has it in its name ({self.backbone})")
+        self.sources()
+        parse_loggers(self.logger or "none")
         return self
 
     def to_dict(self) -> dict[str, Any]:

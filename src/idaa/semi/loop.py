@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from idaa.adversaries import Adversary, build_adversary
-from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.sources import Dataset, open_dataset
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -22,6 +22,7 @@ from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
+from idaa.tracking import plan_trackers
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 
@@ -91,8 +92,8 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 class _Run:
     """Everything a run needs, built and validated before the run folder is touched."""
 
-    train: ImageDataset
-    test: ImageDataset | None
+    train: Dataset
+    test: Dataset | None
     labelled: torch.Tensor
     unlabelled: torch.Tensor
     model: Classifier
@@ -108,12 +109,12 @@ class _Run:
         self.images, self.labels = self.train.images.to(self.device), self.train.labels.to(self.device)
 
 
-def _load_data(cfg: SemiConfig) -> tuple[ImageDataset, ImageDataset | None]:
-    train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
+def _load_data(cfg: SemiConfig) -> tuple[Dataset, Dataset | None]:
+    train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
     try:
-        test = load_dataset(cfg.dataset, cfg.data_dir, split="test")
+        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources(), like=train)
     except IdaaError:
         test = None
     return train, test if test is not None and bool((test.labels >= 0).all()) else None
@@ -177,8 +178,11 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
             stream.load_state_dict(blob["streams"][name])
         step, elapsed = blob["step"], blob["elapsed"]
         set_rng_state(blob["rng"])
+    trackers = plan_trackers(cfg.logger, cfg.out, resume, mlflow_uri=cfg.mlflow_uri, wandb_project=cfg.wandb_project,
+                             wandb_entity=cfg.wandb_entity)  # checked before the run folder is touched
     out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     write_config(out / "config.yaml", {"command": "semi", **cfg.to_dict()})
+    trackers.start(step if resume else None).log_config({"command": "semi", **cfg.to_dict()})
     save_split(out / SPLIT_FILE, run.labelled, run.unlabelled,
                {"dataset": run.train.name, "train_images": len(run.train), "labels": cfg.labels, "seed": cfg.seed})
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
@@ -199,7 +203,9 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
                 bar.close()
                 raise TrainingStopped(stopper.signum, step, out / "last.ckpt")
             _log_interval(cfg, run, ema, record, state, out, bar)
+            trackers.log_metrics(record, step)
     bar.close()
+    trackers.close()
     return record
 
 

@@ -11,7 +11,9 @@ from typing import Any
 import yaml
 
 from idaa.adversaries import ADVERSARIES
+from idaa.data.sources import StreamOptions
 from idaa.errors import IdaaError
+from idaa.tracking import parse_loggers
 
 
 @dataclass
@@ -47,6 +49,8 @@ class PretrainConfig:
     random_start: bool = False
     attack_graph: str = "separate"
     attack_fraction: float = 1.0
+    attack_every: int = 1  # attack only every k-th step (the others train on the clean loss alone)
+    attack_from_epoch: int = 0  # attack only from this epoch on (1-based; 0 and 1: from the start)
     alpha: float = 1.0
     knn_every: int = 1
     knn_k: int = 200
@@ -61,6 +65,19 @@ class PretrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    embed_map: bool = False  # at the end: RUN/embed.png + embed.csv, a 2-d map of the test features
+    stream: bool | None = None  # None: stream folders whose images differ in size or are large or many
+    image_size: int | None = None
+    workers: int | None = None
+    bad_images: str = "error"
+    logger: str | None = None  # None: tensorboard when installed; metrics.jsonl is always written
+    mlflow_uri: str | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+
+    def sources(self) -> StreamOptions:
+        """How the images are read (streamed or in memory), checked."""
+        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed).validate()
 
     def validate(self) -> PretrainConfig:
         """One-line errors for impossible values, before anything is read or written."""
@@ -74,7 +91,7 @@ class PretrainConfig:
             raise IdaaError(f"method_options must be a mapping of option: value, got {self.method_options!r}")
         if self.adversary not in ADVERSARIES:
             raise IdaaError(f"unknown adversary {self.adversary!r}; choose from {', '.join(ADVERSARIES)}")
-        positive_ints = ("epochs", "batch_size", "attack_steps", "knn_k")
+        positive_ints = ("epochs", "batch_size", "attack_steps", "knn_k", "attack_every")
         for key in positive_ints:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -82,7 +99,8 @@ class PretrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {value!r}")
-        for key in ("knn_every", "checkpoint_every", "checkpoint_steps", "skip_nonfinite", "warmup_epochs"):
+        for key in ("knn_every", "checkpoint_every", "checkpoint_steps", "skip_nonfinite", "warmup_epochs",
+                    "attack_from_epoch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise IdaaError(f"{_flag(key)} must be an integer >= 0, got {getattr(self, key)!r}")
         for key, low in (("lr", 0.0), ("temperature", 0.0), ("knn_temperature", 0.0)):
@@ -106,6 +124,8 @@ class PretrainConfig:
         if self.attack_graph == "clean" and (self.attack_steps != 1 or self.random_start
                                              or self.adversary not in ("idaa", "clae")):
             raise IdaaError("--attack-graph clean needs the FGSM idaa or clae adversary (one step, no random start)")
+        self.sources()
+        parse_loggers(self.logger or "none")  # unknown names, missing extras: before any data is read
         return self
 
 

@@ -16,17 +16,19 @@ from tqdm import tqdm
 from idaa import distributed as dist
 from idaa.adversaries import build_adversary
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
-from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.feeds import make_feed, stopped_by_bad_image
+from idaa.data.sources import Dataset, open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
+from idaa.tracking import Trackers, plan_trackers
 from idaa.train.config import PretrainConfig
 from idaa.train.monitor import KNNMonitor
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
-from idaa.train.step import apply_speedups, compute_losses, to_memory_format
+from idaa.train.step import apply_speedups, attack_at, compute_losses, to_memory_format
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
 
@@ -50,14 +52,14 @@ def build_optimizer(cfg: PretrainConfig, method: Method, steps_per_epoch: int) -
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _load_data(cfg: PretrainConfig) -> tuple[ImageDataset, ImageDataset | None]:
-    train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
+def _load_data(cfg: PretrainConfig) -> tuple[Dataset, Dataset | None]:
+    train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
     if cfg.batch_size > len(train):
         raise IdaaError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(train)} images)")
     try:
-        test = load_dataset(cfg.dataset, cfg.data_dir, split="test")
+        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources(), like=train)
     except IdaaError:
         test = None
     labelled = test is not None and bool((train.labels >= 0).all()) and bool((test.labels >= 0).all())
@@ -86,6 +88,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     created_group = created_group and dist.active()
     try:
         record = _pretrain(cfg, device, resume, overwrite, progress)
+        if cfg.embed_map and dist.is_main():
+            from idaa.analysis.embed import map_after_training  # lazily: reads last.ckpt like any analysis
+
+            map_after_training(cfg.out, device, cfg.seed, progress)
         dist.barrier()  # every rank is done before any tears the group down
         return record
     finally:
@@ -109,7 +115,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     apply_speedups(method, cfg.channels_last, cfg.compile)
     if rank:  # identical initial weights (DDP broadcasts rank 0's), but each rank draws its own augmentations
         seed_everything(cfg.seed + 1_000_003 * rank)
-    views = build_view_policy(cfg.policy or method.view_policy, train.image_size, train.mean, train.std).to(device)
+    policy = cfg.policy or method.view_policy  # streamed crops are made in the workers: views add flip + colour
+    feed = make_feed(train, device, cfg.batch_size, local_batch, rank, policy,
+                     views=3 if cfg.adversary == "random-view" else 2)
+    views = build_view_policy(policy, train.image_size, train.mean, train.std, crop=not feed.crops).to(device)
     vae, vae_ref = None, None
     if cfg.adversary in VAE_ADVERSARIES:
         if cfg.vae is None:
@@ -132,7 +141,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
 
         # without an adversary the adversarial BN twins receive no gradient
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=adversary is None)
+                                        find_unused_parameters=adversary is None or cfg.attack_every > 1
+                                        or cfg.attack_from_epoch > 1)
     optimizer, scheduler = build_optimizer(cfg, method, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     knn = KNNMonitor(train, test, cfg, device) if test is not None and cfg.knn_every else None
@@ -161,18 +171,22 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
             set_rng_state(blob["rng"])
             if rank:
                 seed_everything(cfg.seed + 1_000_003 * rank + step)
-    out, failure = Path(cfg.out), None
+    out, failure, trackers = Path(cfg.out), None, Trackers()  # only rank 0 logs to trackers
     if main:  # only rank 0 touches the run folder; a refusal there stops every rank
-        try:
+        try:  # trackers are checked (extras, MLflow reachable) before the run folder is touched
+            trackers = plan_trackers(cfg.logger, cfg.out, resume, mlflow_uri=cfg.mlflow_uri,
+                                     wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity)
             out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
             remove_stale_temporaries(out)
-            write_config(out / "config.yaml", {"command": "pretrain", **dataclasses.asdict(cfg)})
+            config = {"command": "pretrain", **dataclasses.asdict(cfg)}
+            write_config(out / "config.yaml", config)
+            trackers.start(step if resume else None).log_config(config)
         except IdaaError as exc:
             failure = str(exc)
     failure = dist.broadcast_object(failure)
     if failure:
         raise IdaaError(failure)
-    log, writer = MetricsLog(out / "metrics.jsonl"), _tensorboard(out) if main else None
+    log = MetricsLog(out / "metrics.jsonl")
     if resume and main:
         log.truncate_after(step)
     data_meta = {"name": train.name, "image_size": train.image_size, "channels": train.channels,
@@ -191,15 +205,17 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                            "epoch": epoch_done, "step": step, "position": where, "rng": rng,
-                           "elapsed": elapsed_before + time.perf_counter() - start}, path)
+                           "elapsed": elapsed_before + time.perf_counter() - start, **clock}, path)
 
-    images = train.images.to(device)
     total_steps = steps_per_epoch * cfg.epochs
     total = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
     bar = tqdm(total=total, initial=min(step, total), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
     # wall time carries over a resume, so "time" in metrics.jsonl is the run's, not this process's
     elapsed_before = float(blob.get("elapsed", 0.0)) if blob is not None else 0.0
+    # seconds in training steps alone and in the kNN monitor, kept apart (checkpoint writes in neither)
+    clock = {"train_time": float(blob.get("train_time", elapsed_before)) if blob is not None else 0.0,
+             "monitor_time": float(blob.get("monitor_time", 0.0)) if blob is not None else 0.0}
     start, record, skipped = time.perf_counter(), {}, 0
     with GracefulStop() as stopper:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -213,16 +229,15 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                 order, first = _shuffle(len(train), device), 0
                 sums, seen, prior = torch.zeros(3, device=device), 0, 0.0
             position, done, stop = None, first, None
-            epoch_start = time.perf_counter()
-            for i in range(first, steps_per_epoch):
-                lo = i * cfg.batch_size + rank * local_batch  # this rank's share of the global batch
-                batch = images[order[lo:lo + local_batch]]
-                v1 = to_memory_format(views(batch), cfg.channels_last)
-                v2 = to_memory_format(views(batch), cfg.channels_last)
+            epoch_start = mark = time.perf_counter()
+            for i, batch in enumerate(feed.batches(epoch, order, first), start=first):  # this rank's share
+                v1 = to_memory_format(views(batch.first), cfg.channels_last)
+                v2 = to_memory_format(views(batch.second), cfg.channels_last)
                 # a skipped step must not leave NaN in BN statistics either: keep the buffers to put back
                 buffers = [b.clone() for b in method.buffers()] if cfg.skip_nonfinite > skipped else None
                 with autocast:
-                    losses = compute_losses(model, adversary, v1, v2, source=batch, alpha=cfg.alpha)
+                    attack = attack_at(adversary, cfg.attack_every, cfg.attack_from_epoch, epoch, step)
+                    losses = compute_losses(model, attack, v1, v2, source=batch.source, alpha=cfg.alpha)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses.total).backward()
                 problem = _nonfinite(losses, params, check_grads=not scaler.is_enabled(), agree=world > 1)
@@ -259,11 +274,17 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                     break
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and done < steps_per_epoch:
                     seconds = prior + time.perf_counter() - epoch_start
+                    clock["train_time"] += time.perf_counter() - mark
                     save(last_path, epoch - 1, rng_state(), _where(epoch, done, order, sums, seen, seconds))
+                    mark = time.perf_counter()
+            clock["train_time"] += time.perf_counter() - mark
             rng = rng_state()  # before any evaluation, so a resumed run draws what this one would have
             seconds = prior + time.perf_counter() - epoch_start
             complete = done == steps_per_epoch
             where = None if complete else _where(epoch, done, order, sums, seen, seconds)
+            if feed.failure:  # an unreadable file under --bad-images error: resumable from this very batch
+                save(last_path, epoch - 1, rng, where)
+                raise stopped_by_bad_image(feed.failure, str(last_path))
             if stop == "signal":
                 save(last_path, epoch - (not complete), rng, where)
                 raise TrainingStopped(stopper.signum, step, last_path)
@@ -277,26 +298,25 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                 record["partial"] = True
             if skipped:
                 record["skipped_steps"] = skipped
+            record.update(feed.end_epoch(bar.write))
             finished = epoch == cfg.epochs or stop is not None
             if knn is not None and (epoch % cfg.knn_every == 0 or finished):
-                if main:  # the other ranks wait: the bank and queries fit on one device
-                    record["knn_top1"] = knn(method)
+                monitor_start = time.perf_counter()
+                record["knn_top1"] = knn(method)  # every rank embeds its share of the bank and the queries
+                clock["monitor_time"] += time.perf_counter() - monitor_start
+                if main:
                     bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
-                dist.barrier()
+            record.update(clock)
             if main:
                 log.write(record)
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, float):
-                        writer.add_scalar(key, value, step)
+                trackers.log_metrics(record, step)
             save(last_path, epoch - (not complete), rng, where)
             if complete and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
                 save(out / f"epoch{epoch:04d}.ckpt", epoch, rng, None)
             if stop:
                 break
     bar.close()
-    if writer is not None:
-        writer.close()
+    trackers.close()
     return record
 
 
@@ -349,11 +369,3 @@ def _nonfinite(losses: Any, params: list[torch.Tensor], check_grads: bool = True
         return f"adversarial loss ({losses.adversarial.item()})" if not agree else "adversarial loss"
     return "gradient"
 
-
-def _tensorboard(out: Path) -> Any:
-    """A SummaryWriter when the tensorboard extra is installed, else None (metrics.jsonl is always written)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))

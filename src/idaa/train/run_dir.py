@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from idaa.errors import IdaaError
+from idaa.fileio import atomic_torch_save, atomic_write_bytes
+
+# the atomic writers live in idaa.fileio (evaluation uses them too); re-exported for the training code
+__all__ = ["MetricsLog", "atomic_torch_save", "atomic_write_bytes", "prepare_run_dir", "remove_stale_temporaries",
+           "write_config"]
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -34,45 +37,10 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = Fal
     return path
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete half-written temporaries a killed process left behind (`.last.ckpt.xyz`); finished files stay."""
     for tmp in folder.glob(".*.ckpt.*"):
         tmp.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save that never leaves a half-written file at `path`."""
-    atomic_write_bytes(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def write_config(path: str | Path, config: dict[str, Any]) -> None:

@@ -28,6 +28,17 @@ def compute_losses(method: nn.Module, adversary: Adversary | None, v1: torch.Ten
     return StepLosses(*method(v1, v2, adversary, source, alpha))
 
 
+def attack_at(adversary: Adversary | None, every: int, from_epoch: int, epoch: int,
+              step: int) -> Adversary | None:
+    """The adversary if this step attacks (every `every`-th step, from epoch `from_epoch` on), else None.
+
+    A step without an attack computes only the clean loss L(v1, v2): the cheaper "equal-time" schedules.
+    """
+    if adversary is None or epoch < from_epoch or step % every:
+        return None
+    return adversary
+
+
 def apply_speedups(method: nn.Module, channels_last: bool = False, compile_backbone: bool = False) -> nn.Module:
     """Optional step speed-ups: NHWC weights (`channels_last`) and a `torch.compile`d backbone.
 

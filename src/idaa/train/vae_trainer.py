@@ -11,12 +11,15 @@ import torch
 from tqdm import tqdm
 
 from idaa.analysis.vae_report import write_vae_report
-from idaa.data.datasets import ImageDataset, load_dataset
+from idaa.data.feeds import make_feed
+from idaa.data.formats import DataError
+from idaa.data.sources import Dataset, StreamOptions, open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.imaging import save_grid, stretch, to_unit_range
 from idaa.nets.vae import VAE, save_vae, vae_loss
+from idaa.tracking import parse_loggers, plan_trackers
 from idaa.train.run_dir import MetricsLog, prepare_run_dir, write_config
 
 
@@ -41,6 +44,8 @@ class VAETrainConfig:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    sources: StreamOptions | None = None  # --stream/--image-size/--workers/--bad-images
+    logger: str | None = None  # trackers (idaa.tracking); metrics.jsonl is always written
 
     def validate(self) -> None:
         """Reject impossible values before any data is read or any folder is touched."""
@@ -53,12 +58,14 @@ class VAETrainConfig:
             raise IdaaError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise IdaaError(f"--limit must be >= 1, got {self.limit}")
+        (self.sources or StreamOptions()).validate()
+        parse_loggers(self.logger or "none")
 
 
-def _held_out(cfg: VAETrainConfig, train: ImageDataset) -> ImageDataset:
+def _held_out(cfg: VAETrainConfig, train: Dataset) -> Dataset:
     """The test split for reporting reconstruction error; a slice of train for sets that have none."""
     try:
-        test = load_dataset(cfg.dataset, cfg.data_dir, split="test")
+        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources, like=train)
     except IdaaError:
         test = train
     return test.take(min(cfg.eval_images, len(test)), seed=cfg.seed)
@@ -83,7 +90,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
     """Train, log every epoch to metrics.jsonl, save vae.pt (atomically), a x / G(x) / R(x) grid and the report."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    train = load_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download)
+    train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources)
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
     if cfg.batch_size > len(train):
@@ -91,13 +98,15 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
     held_out = _held_out(cfg, train)
     torch.manual_seed(cfg.seed)
     vae = VAE(train.image_size, train.channels, cfg.latent_dim, cfg.hidden).to(device)
+    trackers = plan_trackers(cfg.logger, cfg.out)  # checked before the run folder is touched
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     write_config(out / "config.yaml", {"command": "vae train", **asdict(cfg), "train_images": len(train)})
+    trackers.start().log_config({"command": "vae train", **asdict(cfg), "train_images": len(train)})
     log = MetricsLog(out / "metrics.jsonl")
 
-    augment = build_view_policy(cfg.policy, train.image_size, train.mean, train.std)
+    feed = make_feed(train, device, cfg.batch_size, policy=cfg.policy, views=1)
+    augment = build_view_policy(cfg.policy, train.image_size, train.mean, train.std, crop=not feed.crops)
     plain = build_view_policy("eval", train.image_size, train.mean, train.std)
-    images = train.images.to(device)
     eval_views = plain(held_out.images.to(device))
     steps_per_epoch = len(train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
@@ -113,8 +122,8 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
         order = torch.randperm(len(train), device=device)
         sums = torch.zeros(3, device=device)
         epoch_start = time.perf_counter()
-        for i in range(steps_per_epoch):
-            views = augment(images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+        for batch in feed.batches(epoch, order):
+            views = augment(batch.first)
             recon, mu, logvar = vae(views)
             loss, mse, kl = vae_loss(recon, views, mu, logvar, cfg.beta)
             if not torch.isfinite(loss):
@@ -128,20 +137,26 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
             bar.update()
             if step % 10 == 0:
                 bar.set_postfix(epoch=epoch, mse=f"{mse.item():.4f}", kl=f"{kl.item():.4f}")
+        if feed.failure:  # an unreadable file under --bad-images error
+            raise DataError(f"{feed.failure}; vae.pt holds the last complete epoch (--bad-images skip skips it)")
         seconds = time.perf_counter() - epoch_start
         train_loss, train_mse, train_kl = (sums / steps_per_epoch).tolist()
         held = evaluate_vae(vae, eval_views, cfg.beta)
         result = {"epoch": epoch, "step": step, "loss": train_loss, "train_mse": train_mse, "train_kl": train_kl,
                   "test_mse": held["mse"], "test_kl": held["kl"], "test_relative_mse": held["relative_mse"],
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
-                  "time": time.perf_counter() - start}
+                  "time": time.perf_counter() - start, **feed.end_epoch(bar.write)}
         log.write(result)
+        trackers.log_metrics(result, step)
         save_vae(vae, out / "vae.pt", {**meta, "epochs": epoch})
     bar.close()
     vae.eval()
     spread = eval_views[:: max(len(eval_views) // 16, 1)][:16]  # held-out sets come sorted by class: stride
     decomposition_grid(vae, spread, train.mean, train.std, out / "reconstructions.png")
     write_vae_report(vae, eval_views, train.mean, train.std, out)  # vae_report.png / .json
+    for figure in ("reconstructions.png", "vae_report.png"):
+        trackers.log_file(out / figure)
+    trackers.close()
     return result
 
 
