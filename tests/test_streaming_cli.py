@@ -115,3 +115,23 @@ def test_truncated_file_stops_resumably_or_is_skipped(tmp_path: Path, capsys: py
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r.get("bad_images") for r in records)
     assert "skipped 1 unreadable image(s) this epoch" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_test_fraction_splits_a_single_labelled_folder_for_training_and_evaluation(tmp_path: Path) -> None:
+    """--test-fraction holds out a seeded share of each class; the monitor and `eval linear` use that split."""
+    data = mixed_folder(tmp_path / "data", per_class=8)
+    single = tmp_path / "single"
+    for c in ("cat", "dog"):  # one labelled folder: train and test images of a class together, 16 each
+        (single / c).mkdir(parents=True)
+        for part in ("train", "test"):
+            for f in sorted((data / part / c).iterdir()):
+                f.rename(single / c / f"{part}-{f.name}")
+    flags = ["pretrain", "--dataset", "folder", "--data-dir", single, "--image-size", "16", "--width", "4",
+             "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress", "--test-fraction", "0.25"]
+    assert run([*flags, "--knn-every", "1", "--knn-k", "5", "--out", tmp_path / "run"]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 24 // 4 and "knn_top1" in record  # 32 images, 8 held out: 24 train
+    assert run(["eval", "linear", tmp_path / "run" / "last.ckpt", "--no-progress", "--workers", "0"]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert (result["train_images"], result["test_images"]) == (24, 8)
+    assert run([*flags[:-1], "1.5", "--out", tmp_path / "bad"]) == 2 and not (tmp_path / "bad").exists()

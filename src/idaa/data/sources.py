@@ -43,6 +43,7 @@ class StreamOptions:
     workers: int | None = None
     bad_images: str = "error"
     seed: int = 0
+    test_fraction: float | None = None  # a single labelled folder: hold out this seeded share of each class
 
     def validate(self) -> StreamOptions:
         """One-line errors for impossible values before anything is read."""
@@ -50,6 +51,9 @@ class StreamOptions:
             raise DataError(f"--workers must be an integer >= 0, got {self.workers!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
             raise DataError(f"--image-size must be an integer >= 8, got {self.image_size!r}")
+        if self.test_fraction is not None and not (isinstance(self.test_fraction, int | float)
+                                                   and 0 < self.test_fraction < 1):
+            raise DataError(f"--test-fraction must be a number in (0, 1), got {self.test_fraction!r}")
         if self.bad_images not in BAD_IMAGES:
             raise DataError(f"--bad-images must be one of {', '.join(BAD_IMAGES)}, got {self.bad_images!r}")
         return self
@@ -174,7 +178,7 @@ def open_dataset(name: str, data_dir: str | Path | None = None, split: str = "tr
         return _open_shards(data_dir, split, options, like.image_size if like is not None else default_size)
     if isinstance(like, ImageDataset):
         return load_dataset(name, data_dir, split=split, download=download)
-    listing = _file_listing(name, data_dir, split)
+    listing = _file_listing(name, data_dir, split, options)
     if listing is None:  # data kept in one binary file (CIFAR pickles, STL-10, digits)
         data = load_dataset(name, data_dir, split=split, download=download)
         if options.stream:
@@ -221,8 +225,8 @@ def warn(message: str) -> None:
 # ---------------------------------------------------------------- listing
 
 
-def _file_listing(name: str, data_dir: str | Path | None,
-                  split: str) -> tuple[Path, list[str], list[int], list[str]] | None:
+def _file_listing(name: str, data_dir: str | Path | None, split: str,
+                  options: StreamOptions) -> tuple[Path, list[str], list[int], list[str]] | None:
     """(root, files, labels, classes) of a folder or registered layout; None for data kept in binary files."""
     from idaa.data.layouts import layout_name, read_layout  # lazy: the layouts register many readers
 
@@ -230,7 +234,7 @@ def _file_listing(name: str, data_dir: str | Path | None,
         return None
     if data_dir is None:
         raise DataError(f"--dataset {name} needs --data-dir pointing at its image folder")
-    listing = read_layout(name, data_dir, split)
+    listing = read_layout(name, data_dir, split, options.test_fraction, options.seed)
     return Path(data_dir).expanduser(), [str(f) for f in listing.files], list(listing.labels), list(listing.classes)
 
 
@@ -286,6 +290,8 @@ def _should_stream(options: StreamOptions, sizes: np.ndarray) -> bool:
     """Stream when asked, when sizes differ, when images are large or many, or for another crop size."""
     if options.stream is not None:
         return options.stream
+    if options.test_fraction is not None:  # the held-out split is a listing: the in-memory cache knows no splits
+        return True
     if options.bad_images == "skip" or not _uniform(sizes):
         return True
     side = int(sizes[0, 0])
@@ -355,11 +361,14 @@ def add_stream_arguments(parser: Any, image_size: bool = True) -> None:
                         help="processes decoding streamed images (default: the cores less one)")
     parser.add_argument("--bad-images", default="error", choices=BAD_IMAGES,
                         help="error (default: stop, naming the file) or skip unreadable images")
+    parser.add_argument("--test-fraction", type=float, default=None,
+                        help="a single labelled folder: hold out this seeded share of every class as the test split")
 
 
 def options_from(args: Any, seed: int = 0) -> StreamOptions:
     """StreamOptions from parsed --stream/--image-size/--workers/--bad-images flags."""
-    return StreamOptions(args.stream, getattr(args, "image_size", None), args.workers, args.bad_images, seed).validate()
+    return StreamOptions(args.stream, getattr(args, "image_size", None), args.workers, args.bad_images, seed,
+                         getattr(args, "test_fraction", None)).validate()
 
 
 def checkpoint_options(cfg: dict[str, Any], same_data: bool, given: StreamOptions | None = None) -> StreamOptions:
@@ -368,5 +377,6 @@ def checkpoint_options(cfg: dict[str, Any], same_data: bool, given: StreamOption
     if not same_data:
         return given.validate()
     stream = given.stream if given.stream is not None else cfg.get("stream")
+    test_fraction = given.test_fraction if given.test_fraction is not None else cfg.get("test_fraction")
     return replace(given, stream=stream, image_size=given.image_size or cfg.get("image_size"),
-                   seed=cfg.get("seed", 0)).validate()
+                   seed=cfg.get("seed", 0), test_fraction=test_fraction).validate()

@@ -33,6 +33,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("image-size", int, "crop size of streamed images (default: their size if uniform, else 224)"),
     ("workers", int, "processes decoding streamed images (default: the cores less one)"),
     ("bad-images", str, "error (default: stop, naming the file) or skip unreadable images"),
+    ("test-fraction", float, "a single labelled folder: hold out this seeded share of every class as the test split"),
     ("logger", str, "trackers, comma-separated: tensorboard, wandb, mlflow, csv or none (default: tensorboard "
      "when installed)"), ("mlflow-uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else RUN/mlruns)"),
     ("wandb-project", str, "W&B project (default: $WANDB_PROJECT, else idaa)"), ("wandb-entity", str, "W&B entity"),

@@ -56,6 +56,7 @@ class SemiConfig:
     image_size: int | None = None
     workers: int | None = None
     bad_images: str = "error"
+    test_fraction: float | None = None  # a single labelled folder: the seeded share of each class held out as test
     logger: str | None = None  # trackers (idaa.tracking); metrics.jsonl is always written
     mlflow_uri: str | None = None
     wandb_project: str | None = None
@@ -63,7 +64,8 @@ class SemiConfig:
 
     def sources(self) -> StreamOptions:
         """How the images are read (streamed or in memory), checked."""
-        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed).validate()
+        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed,
+                             self.test_fraction).validate()
 
     def validate(self) -> SemiConfig:
         """One-line errors for impossible values, before any data is read or any folder written."""

@@ -70,6 +70,7 @@ class PretrainConfig:
     image_size: int | None = None
     workers: int | None = None
     bad_images: str = "error"
+    test_fraction: float | None = None  # a single labelled folder: the seeded share of each class held out as test
     logger: str | None = None  # None: tensorboard when installed; metrics.jsonl is always written
     mlflow_uri: str | None = None
     wandb_project: str | None = None
@@ -77,7 +78,8 @@ class PretrainConfig:
 
     def sources(self) -> StreamOptions:
         """How the images are read (streamed or in memory), checked."""
-        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed).validate()
+        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed,
+                             self.test_fraction).validate()
 
     def validate(self) -> PretrainConfig:
         """One-line errors for impossible values, before anything is read or written."""
