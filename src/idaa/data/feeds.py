@@ -79,21 +79,7 @@ class StreamFeed:
                 for i in range(first, len(order) // self.batch_size)]
         self.sampler.set(epoch if self.crops else None, rows)
         self.failure = None
-        for crops, _, index, errors in self.loader:
-            bad = [e for e in errors if e]
-            if self.data.options.bad_images == "error":
-                if dist.max_int(int(bool(bad)), self.device):  # every rank stops at the same step
-                    self.failure = bad[0] if bad else "another process met an unreadable image"
-                    return
-            elif bad:
-                self.skipped += bad
-                keep = torch.tensor([not e for e in errors])
-                crops, index = crops[keep], index[keep]
-            crops = crops.to(self.device, non_blocking=True)
-            if not self.crops:
-                yield Batch(crops, crops, crops, index)
-            else:
-                yield Batch(crops[:, 0], crops[:, 1 % self.views], crops[:, -1], index)
+        yield from screened_batches(self, self.loader, self.data.options.bad_images, self.views)
 
     def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
         """Report (and reset) the images skipped this epoch under --bad-images skip."""
@@ -102,6 +88,26 @@ class StreamFeed:
         count, self.skipped = len(self.skipped), []
         write(f"idaa: warning: skipped {count} unreadable image(s) this epoch")
         return {"bad_images": count}
+
+
+def screened_batches(feed: Any, loader: Any, bad_images: str, views: int) -> Iterator[Batch]:
+    """Device batches from a loader's (crops, labels, indices, errors): stop on an unreadable image (setting
+    `feed.failure`, every rank at the same step) or, under --bad-images skip, drop it and count it."""
+    for crops, _, index, errors in loader:
+        bad = [e for e in errors if e]
+        if bad_images == "error":
+            if dist.max_int(int(bool(bad)), feed.device):
+                feed.failure = bad[0] if bad else "another process met an unreadable image"
+                return
+        elif bad:
+            feed.skipped += bad
+            keep = torch.tensor([not e for e in errors])
+            crops, index = crops[keep], index[keep]
+        crops = crops.to(feed.device, non_blocking=True)
+        if not feed.crops:
+            yield Batch(crops, crops, crops, index)
+        else:
+            yield Batch(crops[:, 0], crops[:, 1 % views], crops[:, -1], index)
 
 
 def make_feed(data: Dataset, device: torch.device, batch_size: int, local_batch: int | None = None,

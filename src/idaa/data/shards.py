@@ -342,27 +342,13 @@ class ShardFeed:
 
     def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Any]:
         """This rank's batches of `epoch` from batch `first` on; stops early (setting `failure`) on a bad image."""
-        from idaa import distributed as dist
-        from idaa.data.feeds import Batch
+        from idaa.data.feeds import screened_batches
 
         self.failure = None
         views = self.views if self.crops else 1
-        for crops, _, index, errors in self.data.train_loader(epoch, self.seed, self.local_batch, self.rank,
-                                                              self.world, self.workers, self.scale, views, first):
-            bad = [e for e in errors if e]
-            if self.bad_images == "error":
-                if dist.max_int(int(bool(bad)), self.device):  # every rank stops at the same step
-                    self.failure = bad[0] if bad else "another process met an unreadable image"
-                    return
-            elif bad:
-                self.skipped += bad
-                keep = torch.tensor([not e for e in errors])
-                crops, index = crops[keep], index[keep]
-            crops = crops.to(self.device, non_blocking=True)
-            if not self.crops:
-                yield Batch(crops, crops, crops, index)
-            else:
-                yield Batch(crops[:, 0], crops[:, 1 % views], crops[:, -1], index)
+        loader = self.data.train_loader(epoch, self.seed, self.local_batch, self.rank, self.world, self.workers,
+                                        self.scale, views, first)
+        yield from screened_batches(self, loader, self.bad_images, views)
 
     def end_epoch(self, write: Any = print) -> dict[str, int]:
         """Report (and reset) the images skipped this epoch under --bad-images skip."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from idaa.errors import IdaaError
-from idaa.experiments.runner import read_vae_block
+from idaa.experiments.runner import as_mapping, read_vae_block
 from idaa.train.config import FIELDS, read_preset
 
 PROTOCOL_KEYS = {"base", "settings", "vae", "seeds", "variants", "reference", "compare", "linear", "out"}
@@ -66,14 +66,6 @@ class Protocol:
     out: Path
 
 
-def _mapping(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise IdaaError(f"{what} must be a mapping of setting: value, got {type(value).__name__}")
-    return dict(value)
-
-
 def _names(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise IdaaError(f"{what} must be a list of variant names")
@@ -99,7 +91,7 @@ def parse_seeds(value: Any, what: str = "--seeds") -> list[int]:
 def _read_variant(name: str, value: Any) -> Variant:
     if not NAME.fullmatch(name):
         raise IdaaError(f"variant name {name!r} may only use letters, digits and + . _ -")
-    settings = _mapping(value, f"variants.{name}")
+    settings = as_mapping(value, f"variants.{name}")
     unknown = sorted(set(settings) - VARIANT_KEYS)
     if unknown:
         raise IdaaError(f"unknown setting(s) {', '.join(unknown)} in variant '{name}'")
@@ -164,13 +156,13 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     path = Path(path)
     data = read_preset(path, fields=PROTOCOL_KEYS)
     base = data.get("base")
-    preset = read_preset(base) if isinstance(base, str) else _mapping(base, "base")
-    settings = _mapping(data.get("settings"), "settings")
+    preset = read_preset(base) if isinstance(base, str) else as_mapping(base, "base")
+    settings = as_mapping(data.get("settings"), "settings")
     unknown = sorted(set(settings) - (FIELDS - {"out", "seed"}))
     if unknown:
         raise IdaaError(f"unknown setting(s) {', '.join(unknown)} in settings of '{path}'")
     preset.update(settings)
-    table = _mapping(data.get("variants"), "variants")
+    table = as_mapping(data.get("variants"), "variants")
     if not table:
         raise IdaaError(f"'{path}' has no variants: add e.g. 'variants: {{none: {{}}, idaa: {{adversary: idaa}}}}'")
     grid = {str(name): _read_variant(str(name), value) for name, value in table.items()}
@@ -183,7 +175,7 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
             raise IdaaError(f"compare entries must be pairs of variant names, e.g. [idaa, none]; got {pair!r}")
         compare.append((pair[0], pair[1]))
-    linear = _mapping(data.get("linear"), "linear")
+    linear = as_mapping(data.get("linear"), "linear")
     unknown = sorted(set(linear) - LINEAR_KEYS)
     if unknown:
         raise IdaaError(f"unknown linear setting(s) {', '.join(unknown)}; allowed: variants, limit")

@@ -142,3 +142,12 @@ def ensure_vae(job: VAEJob, progress: bool, echo: Any, what: str = "sweep") -> N
         command.append("--overwrite")  # VAE training has no resume: an unfinished one starts again
     echo(f"{what}: training VAE {job.run}")
     run_child(command + ([] if progress else ["--no-progress"]), str(job.run), what)
+
+
+def as_mapping(value: Any, what: str) -> dict[str, Any]:
+    """A YAML block as a dict (None is empty); anything else is a one-line error naming the block."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise IdaaError(f"{what} must be a mapping of setting: value, got {type(value).__name__}")
+    return dict(value)

@@ -25,6 +25,7 @@ from idaa.experiments.runner import (
     VAE_INHERITED,
     RunStopped,
     VAEJob,
+    as_mapping,
     ensure_vae,
     finished,
     pretrain_command,
@@ -66,22 +67,14 @@ class Point:
         return self.run.name
 
 
-def _mapping(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise IdaaError(f"{what} must be a mapping of setting: value, got {type(value).__name__}")
-    return dict(value)
-
-
 def read_grid(path: str | Path, out: str | None = None) -> Grid:
     """Parse and check a grid file; relative paths inside it are relative to the working directory."""
     path = Path(path)
     data = read_preset(path, fields=GRID_KEYS)
     base = data.get("base")
-    preset = read_preset(base) if isinstance(base, str) else _mapping(base, "base")
-    preset.update(_mapping(data.get("settings"), "settings"))
-    sweep = _mapping(data.get("sweep"), "sweep")
+    preset = read_preset(base) if isinstance(base, str) else as_mapping(base, "base")
+    preset.update(as_mapping(data.get("settings"), "settings"))
+    sweep = as_mapping(data.get("sweep"), "sweep")
     if not sweep:
         raise IdaaError(f"'{path}' sweeps nothing: add e.g. 'sweep: {{eps: [0.05, 0.1]}}'")
     for param, values in sweep.items():
@@ -91,7 +84,7 @@ def read_grid(path: str | Path, out: str | None = None) -> Grid:
             raise IdaaError(f"sweep.{param} must be a non-empty list of values")
         if len({json.dumps(v) for v in values}) != len(values):
             raise IdaaError(f"sweep.{param} lists a value twice")
-    series = {str(k): _mapping(v, f"series.{k}") for k, v in _mapping(data.get("series"), "series").items()}
+    series = {str(k): as_mapping(v, f"series.{k}") for k, v in as_mapping(data.get("series"), "series").items()}
     for name in series:
         if not re.fullmatch(r"[A-Za-z0-9+._-]+", name):
             raise IdaaError(f"series name {name!r} may only use letters, digits and + . _ -")
