@@ -211,6 +211,20 @@ def test_readme_section_replaces_only_the_marked_part(tmp_path):
     assert plain.read_text() == "no markers here\n"
 
 
+def test_readme_section_ignores_markers_quoted_in_prose(tmp_path):
+    """A README quoting the markers inline (as ours does) keeps that prose; only the own-line pair is replaced."""
+    readme = tmp_path / "README.md"
+    prose = f"writes between `{START}` and `{END}` in FILE\n"
+    readme.write_text(f"{prose}\n{START}\nold\n{END}\nafter\n")
+    write_readme_section(readme, f"{START}\nnew\n{END}\n")
+    assert readme.read_text() == f"{prose}\n{START}\nnew\n{END}\nafter\n"
+    quoted_only = tmp_path / "quoted.md"
+    quoted_only.write_text(prose)
+    with pytest.raises(IdaaError, match="lines of their own"):
+        write_readme_section(quoted_only, f"{START}\nx\n{END}\n")
+    assert quoted_only.read_text() == prose
+
+
 @pytest.mark.parametrize("text, extra, message", [
     ("seeds: [0]\nvariants: {none: {}}\nbogus: 1\n", [], "unknown config key(s) bogus"),
     ("variants: {none: {gamma: 1}}\n", [], "unknown setting(s) gamma in variant 'none'"),

@@ -240,9 +240,12 @@ def write_readme_section(path: str | Path, text: str) -> Path:
     path = Path(path)
     if path.is_file():
         old = path.read_text()
-        if START not in old or END not in old:
-            raise IdaaError(f"'{path}' has no {START} ... {END} markers; add them where the summary goes")
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END) + "\n?", lambda _: text, old, count=1, flags=re.S)
+        # markers count only on lines of their own, so prose that quotes them (`<!-- reproduce:start -->`) is kept
+        section = re.compile(f"^{re.escape(START)}[ \t]*$.*?^{re.escape(END)}[ \t]*$\n?", re.S | re.M)
+        if not section.search(old):
+            raise IdaaError(f"'{path}' has no {START} ... {END} markers on lines of their own; add them where "
+                            "the summary goes")
+        text = section.sub(lambda _: text, old, count=1)
     try:
         atomic_write_text(path, text)
     except OSError as exc:
