@@ -1,4 +1,4 @@
-"""Write the "Performance" section of docs/results.md from the benchmark outputs, so the figures there are the measured ones.
+"""Write the "Performance" section of docs/results.md from the benchmark outputs, so its figures are measured ones.
 
     idaa bench step --batch-size 64 --modes none,idaa,idaa-clean,idaa-frac0.25,idaa-clean-frac0.25,clae \\
         --json runs/bench/step-b64.json                       # (and -b128, and -b256 with --modes none)
