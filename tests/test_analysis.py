@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_run import run
 from PIL import Image
 
 from idaa.analysis.diagnose import identity_distances, summarise
@@ -25,14 +26,6 @@ TINY_GRID = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "digits
 TINY_PRETRAIN = ["--dataset", "digits", "--limit", "128", "--width", "4", "--batch-size", "32", "--epochs", "1",
                  "--knn-k", "20", "--no-progress"]
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def png_size(path) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run
 from PIL import Image
 
 from idaa.cli import main
@@ -14,14 +15,6 @@ from idaa.nets import load_vae
 
 TINY = ["--latent-dim", "8", "--hidden", "16", "--batch-size", "64", "--limit", "192", "--no-progress"]
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own rejections exit 2 as well
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def image_folder(root: Path, size: int, n: int = 8) -> Path:

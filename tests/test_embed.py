@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run
 from PIL import Image
 
 from idaa.cli import main
@@ -14,14 +15,6 @@ from idaa.data.datasets import load_dataset
 TINY = ["--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "64", "--epochs", "1",
         "--knn-every", "0", "--no-progress"]
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

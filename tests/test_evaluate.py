@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 from PIL import Image
 
 import idaa.evaluate.protocol as protocol
@@ -20,15 +21,6 @@ from idaa.evaluate.features import CACHE_FOLDER
 from idaa.evaluate.linear import fit_augmented, holdout_split, select_and_fit, topk_accuracy
 from idaa.evaluate.protocol import LinearEvalOptions, linear_eval
 from idaa.evaluate.report import build_report
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own rejections
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,14 +20,6 @@ from idaa.export_detectron2 import detectron2_checkpoint
 
 META = {"backbone": "resnet50", "in_channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own rejections
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run
 
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.cli import main
@@ -42,14 +43,6 @@ linear:
   limit: 128
 """
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def protocol_file(tmp_path: Path, text: str) -> str:

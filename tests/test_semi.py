@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import yaml
+from cli_run import run
 
 from idaa.adversaries import ADVERSARIES, build_adversary
-from idaa.cli import main
 from idaa.data.datasets import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.nets import VAE, build_backbone
@@ -28,14 +28,6 @@ from idaa.semi.loop import build_optimizer
 TINY = ["--dataset", "digits", "--limit", "300", "--backbone", "wrn10-1", "--batch-size", "8", "--mu", "2",
         "--no-progress"]
 
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own rejections exit 2 as well
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------- split
