@@ -16,7 +16,7 @@ from idaa.errors import IdaaError
 from idaa.experiments import reproduce
 from idaa.experiments.measure import RunResult, compare, time_fractions
 from idaa.experiments.protocol import read_protocol
-from idaa.experiments.report import END, START, write_readme_section
+from idaa.experiments.report import END, START, collect, readme_section, report_markdown, write_readme_section
 from idaa.experiments.reproduce import _resolve_stage, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,32 @@ variants:
     assert (best["adversary"], best["alpha"], best["epochs"]) == ("random-view", 2.0, 2)
 
 
+def test_compare_time_pairs_are_reported_at_equal_training_time(tmp_path):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  slow: {adversary: random-view}
+  slow-alpha2: {adversary: random-view, alpha: 2.0}
+  none-time-slow: {match_time_of: slow}
+compare_time:
+  - [slow-alpha2, none-time-slow]
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    for seed in (0, 1):
+        fake_run(protocol.out / "runs" / f"none-s{seed}", 2, 1.0, [40.0, 50.0])
+        fake_run(protocol.out / "runs" / f"slow-s{seed}", 2, 3.0, [45.0, 55.0 + seed])
+        fake_run(protocol.out / "runs" / f"slow-alpha2-s{seed}", 2, 3.1, [45.0, 60.0 + seed])
+    runs = _resolve_stage(protocol, ["none-time-slow"], plan(protocol), echo=lambda text: None)
+    for seed in (0, 1):
+        fake_run(protocol.out / "runs" / f"none-time-slow-s{seed}", 6, 1.0, [40.0, 45, 48, 50, 52, 53.0 + seed])
+    markdown = report_markdown(collect(protocol, runs, "idaa reproduce p.yaml"))
+    timed = markdown.split("## At equal training time")[1].split("##")[0]
+    assert "| slow | none-time-slow | 55.50 ± 0.71 | 53.50 ± 0.71 | +2.00 | 1.41 | 6.00 / 6.00 | real" in timed
+    assert "| slow-alpha2 | none-time-slow | 60.50 ± 0.71 | 53.50 ± 0.71 | +7.00 | 1.41 | 6.20 / 6.00 | real" in timed
+    summary = readme_section(protocol, runs, "idaa reproduce p.yaml")
+    assert "slow-alpha2 vs none-time-slow at equal training time" in summary
+
+
 def test_verdicts_and_time_fractions_against_hand_computed_values():
     v = compare([50.0, 52.0, 54.0], [47.0, 48.0, 49.0])
     se = math.sqrt(4 / 3 + 1 / 3)  # variances 4 and 1 over 3 seeds each
@@ -230,6 +256,8 @@ def test_readme_section_ignores_markers_quoted_in_prose(tmp_path):
     ("variants: {none: {}, m: {match_time_of: idaa}}\n", [], "refers to unknown variant 'idaa'"),
     ("variants: {a: {best_of: [b]}, b: {best_of: [a]}}\n", [], "form a cycle"),
     ("variants: {none: {}}\ncompare: [[none, idaa]]\n", [], "'idaa' (in compare or linear) is not one of"),
+    ("variants: {none: {}}\ncompare_time: [[none, idaa]]\n", [], "'idaa' (in compare or linear) is not one of"),
+    ("variants: {none: {}}\ncompare_time: [none]\n", [], "compare_time entries must be pairs"),
     ("variants: {}\n", [], "has no variants"),
     ("variants: {none: {}}\n", ["--max-steps", "0"], "--max-steps must be"),
 ])

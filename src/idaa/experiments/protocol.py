@@ -9,6 +9,10 @@ finished, and the resolution is kept in `<out>/resolved.json` so it never change
   reference variant, usually plain SimCLR). Its cosine schedule spans all of its own epochs.
 - `best_of: [V1, V2, ...]`: the settings of whichever candidate has the highest mean final kNN accuracy, then
   the variant's own settings on top (e.g. another eps for the best IDAA variant).
+
+Pairs under `compare` are reported at equal epochs; pairs under `compare_time` at equal training time, for two
+variants that cost the same by construction (e.g. another eps of a matched IDAA variant against that variant's
+compute-matched baseline); the report shows both training times, so the match can be checked.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from idaa.errors import IdaaError
 from idaa.experiments.runner import as_mapping, read_vae_block
 from idaa.train.config import FIELDS, read_preset
 
-PROTOCOL_KEYS = {"base", "settings", "vae", "seeds", "variants", "reference", "compare", "linear", "out"}
+PROTOCOL_KEYS = {"base", "settings", "vae", "seeds", "variants", "reference", "compare", "compare_time", "linear",
+                 "out"}
 DEFERRED_KEYS = {"match_time_of", "rate_from", "best_of"}
 VARIANT_KEYS = (FIELDS - {"out", "seed"}) | DEFERRED_KEYS
 LINEAR_KEYS = {"variants", "limit"}
@@ -61,6 +66,7 @@ class Protocol:
     variants: dict[str, Variant]
     reference: str | None
     compare: list[tuple[str, str]]
+    compare_time: list[tuple[str, str]]
     linear: list[str]
     linear_limit: int | None
     out: Path
@@ -138,6 +144,16 @@ def _stages(variants: dict[str, Variant]) -> list[list[str]]:
     return [[n for n, s in placed.items() if s == stage] for stage in range(max(placed.values()) + 1)]
 
 
+def _pairs(data: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """The protocol's `key` list of [first, second] variant-name pairs."""
+    pairs = []
+    for pair in data.get(key) or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise IdaaError(f"{key} entries must be pairs of variant names, e.g. [idaa, none]; got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 def _with_dependencies(chosen: list[str], variants: dict[str, Variant]) -> list[str]:
     """The chosen variants plus everything they need, in protocol order."""
     wanted, todo = set(), list(chosen)
@@ -170,11 +186,7 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     if reference is not None and reference not in grid:
         raise IdaaError(f"reference '{reference}' is not one of the variants")
     _check_references(grid, reference)
-    compare = []
-    for pair in data.get("compare") or []:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
-            raise IdaaError(f"compare entries must be pairs of variant names, e.g. [idaa, none]; got {pair!r}")
-        compare.append((pair[0], pair[1]))
+    compare, compare_time = _pairs(data, "compare"), _pairs(data, "compare_time")
     linear = as_mapping(data.get("linear"), "linear")
     unknown = sorted(set(linear) - LINEAR_KEYS)
     if unknown:
@@ -183,7 +195,7 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     limit = linear.get("limit")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise IdaaError(f"linear.limit must be an integer >= 1, got {limit!r}")
-    for name in [v for pair in compare for v in pair] + linear_variants:
+    for name in [v for pair in compare + compare_time for v in pair] + linear_variants:
         if name not in grid:
             raise IdaaError(f"'{name}' (in compare or linear) is not one of the variants: {', '.join(grid)}")
     if variants is not None:
@@ -194,13 +206,15 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
                             f"has {', '.join(grid)}")
         grid = {n: grid[n] for n in _with_dependencies(chosen, grid)}
         compare = [pair for pair in compare if pair[0] in grid and pair[1] in grid]
+        compare_time = [pair for pair in compare_time if pair[0] in grid and pair[1] in grid]
         linear_variants = [v for v in linear_variants if v in grid]
     overrides = {k: v for k, v in (("data_dir", data_dir), ("vae", vae), ("max_steps", max_steps)) if v is not None}
     target = out or data.get("out") or f"runs/reproduce-{path.stem}"
     return Protocol(path, preset, overrides, read_vae_block(data.get("vae")),
                     parse_seeds(seeds if seeds is not None else data.get("seeds", [0]),
                                 "--seeds" if seeds is not None else "seeds"),
-                    grid, reference if reference in grid else None, compare, linear_variants, limit, Path(str(target)))
+                    grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
+                    Path(str(target)))
 
 
 def stages(protocol: Protocol) -> list[list[str]]:

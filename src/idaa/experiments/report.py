@@ -108,8 +108,9 @@ def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = Fals
 
 
 def equal_time_pairs(protocol: Protocol) -> list[tuple[str, str]]:
-    """(IDAA variant, its compute-matched baseline) for every match_time_of variant."""
-    return [(v.match_time_of, v.name) for v in protocol.variants.values() if v.match_time_of]
+    """(IDAA variant, its compute-matched baseline) for every match_time_of variant, then the compare_time pairs."""
+    matched = [(v.match_time_of, v.name) for v in protocol.variants.values() if v.match_time_of]
+    return matched + [pair for pair in protocol.compare_time if pair not in matched]
 
 
 def best_of_pairs(protocol: Protocol) -> list[tuple[str, str]]:
@@ -162,7 +163,9 @@ def report_markdown(r: Report) -> str:
     if equal_time_pairs(p):
         parts += _section("At equal training time", "Each compute-matched baseline trains for as many epochs as fit "
                           "in its IDAA variant's training time (its cosine schedule spans them all); "
-                          "`resolved.json` holds the measured times.", comparison_table(r, equal_time_pairs(p), True))
+                          "`resolved.json` holds the measured times. Pairs listed under `compare_time` cost the same "
+                          "by construction (e.g. another eps at the same attack schedule).",
+                          comparison_table(r, equal_time_pairs(p), True))
     if best_of_pairs(p):
         parts += _section("Other settings for the best variant", "Each `best_of` variant (first) takes the "
                           "settings of the candidate with the best mean final kNN (second) and changes what it sets.",
