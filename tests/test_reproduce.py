@@ -155,7 +155,7 @@ variants:
     assert (best["adversary"], best["alpha"], best["epochs"]) == ("random-view", 2.0, 2)
 
 
-def test_compare_time_pairs_are_reported_at_equal_training_time(tmp_path):
+def test_compare_time_pairs_and_a_published_report(tmp_path, capsys):
     text = BASE + """seeds: [0, 1]
 variants:
   none: {}
@@ -179,6 +179,20 @@ compare_time:
     assert "| slow-alpha2 | none-time-slow | 60.50 ± 0.71 | 53.50 ± 0.71 | +7.00 | 1.41 | 6.20 / 6.00 | real" in timed
     summary = readme_section(protocol, runs, "idaa reproduce p.yaml")
     assert "slow-alpha2 vs none-time-slow at equal training time" in summary
+
+    # --publish copies the report beside the README's link to it; the runs stay where they are
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "rep"
+    readme.write_text(f"# x\n{START}\nold\n{END}\nkept\n")
+    code, _, err = run(["reproduce", protocol_file(tmp_path, text), "--out", str(protocol.out), "--report-only",
+                        "--publish", str(docs), "--readme-section", str(readme)], capsys)
+    assert code == 0, err
+    for name in ("report.md", "results.csv", "accuracy-vs-time.png", "time-to-accuracy.png", "resolved.json"):
+        assert (docs / name).read_bytes() == (protocol.out / name).read_bytes(), name
+    assert f"full report: [{docs}/report.md]({docs}/report.md), published from {protocol.out}/" in readme.read_text()
+    assert readme.read_text().endswith(f"{END}\nkept\n") and not (docs / "runs").exists()
+    code, _, err = run(["reproduce", protocol_file(tmp_path, text), "--out", str(protocol.out), "--report-only",
+                        "--publish", str(protocol.out)], capsys)
+    assert code == 2 and "is the report folder itself" in err
 
 
 def test_verdicts_and_time_fractions_against_hand_computed_values():

@@ -33,6 +33,8 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--report-only", action="store_true", help="rewrite the report from the runs there, train nothing")
     r.add_argument("--readme-section", default=None, metavar="FILE",
                    help="also write a short summary between <!-- reproduce:start/end --> markers in FILE")
+    r.add_argument("--publish", default=None, metavar="DIR",
+                   help="also copy the report files to DIR (e.g. docs/...), which the README summary then links")
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -67,7 +69,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from idaa.experiments.protocol import read_protocol
-    from idaa.experiments.report import readme_section, write_readme_section, write_report
+    from idaa.experiments.report import publish_report, readme_section, write_readme_section, write_report
     from idaa.experiments.reproduce import plan, run_reproduce, status_lines
     from idaa.experiments.runner import RunStopped
 
@@ -91,7 +93,10 @@ def _reproduce(args: argparse.Namespace) -> None:
             print(f"idaa: {stop}", file=sys.stderr)
             raise SystemExit(stop.code) from None
     paths = write_report(protocol, runs, command)
+    if args.publish:
+        paths["published"] = publish_report(protocol, paths, args.publish)
     if args.readme_section:
-        paths["readme"] = write_readme_section(args.readme_section, readme_section(protocol, runs, command))
+        paths["readme"] = write_readme_section(args.readme_section,
+                                               readme_section(protocol, runs, command, args.publish))
     print((protocol.out / "report.md").read_text().split("## Figures")[0].rstrip())
     print("\n".join(f"-> {path}" for path in paths.values()))

@@ -18,7 +18,7 @@ from idaa.experiments.figures import PAPER_TABLE_11, plot_accuracy_vs_time, plot
 from idaa.experiments.measure import RunResult, Verdict, as_row, compare, fmt, mean_std, summary, time_fractions
 from idaa.experiments.protocol import Protocol
 from idaa.experiments.reproduce import Run, linear_command, linear_result, read_resolved, results_by_variant
-from idaa.fileio import atomic_write_text
+from idaa.fileio import atomic_write_bytes, atomic_write_text
 from idaa.train.config import resolve_config
 
 START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
@@ -213,12 +213,33 @@ def write_report(protocol: Protocol, runs: list[Run], command: str) -> dict[str,
     return paths
 
 
-def readme_section(protocol: Protocol, runs: list[Run], command: str) -> str:
-    """A short marker-delimited summary for a README: the verdicts in words, the numbers from the runs."""
+def publish_report(protocol: Protocol, paths: dict[str, Path], target: str | Path) -> Path:
+    """Copy the report files (and resolved.json) to `target`, e.g. docs/, so they can be committed without runs."""
+    target = Path(target)
+    if target.resolve() == protocol.out.resolve():
+        raise IdaaError(f"--publish '{target}' is the report folder itself; name another folder, e.g. docs/...")
+    files = [*paths.values()] + [f for f in [protocol.out / "resolved.json"] if f.is_file()]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            data = path.read_bytes()
+            atomic_write_bytes(target / path.name, lambda handle, data=data: handle.write(data))
+    except OSError as exc:
+        raise IdaaError(f"cannot publish to '{target}' ({exc.strerror or type(exc).__name__})") from None
+    return target
+
+
+def readme_section(protocol: Protocol, runs: list[Run], command: str, published: str | Path | None = None) -> str:
+    """A short marker-delimited summary for a README: the verdicts in words, the numbers from the runs.
+
+    The link goes to the published copy of the report when there is one (`--publish`), else to the report folder.
+    """
     r = collect(protocol, runs, command)
     n = len(protocol.seeds)
-    lines = [START, f"Made by `{command}` ({n} seed{'s' * (n > 1)}; full report: "
-             f"[{protocol.out / 'report.md'}]({protocol.out / 'report.md'})). {RULE}", ""]
+    report = (Path(published) if published is not None else protocol.out) / "report.md"
+    source = "" if published is None else f", published from {protocol.out}/"
+    lines = [START, f"Made by `{command}` ({n} seed{'s' * (n > 1)}; full report: [{report}]({report}){source}). "
+             f"{RULE}", ""]
     for first, second in protocol.compare:
         lines.append(_sentence(r, first, second, "at equal epochs"))
     for first, second in equal_time_pairs(protocol):
