@@ -67,8 +67,10 @@ def plain_crop(path: str, size: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str, float, float, float]]:
-    """Images/s in one process (= per worker) for the streaming crop and the plain path, at 224 and 64 px."""
-    rows = []
+    """Images/s in one process (= per worker: one torch thread, as in a DataLoader worker) for the streaming crop
+    and the plain path, at 224 and 64 px."""
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
     for size in (224, 64):
         times: dict[str, list[float]] = {"stream": [], "plain": []}
         for _ in range(rounds):  # interleaved, so both see the same machine load
@@ -83,6 +85,7 @@ def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str,
             times["plain"].append(len(files) / (time.perf_counter() - start))
         stream, plain = statistics.median(times["stream"]), statistics.median(times["plain"])
         rows.append((f"{label} -> {size} px", stream, plain, stream / plain))
+    torch.set_num_threads(threads)
     return rows
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from idaa.data.datasets import ImageDataset
 from idaa.data.feeds import StreamFeed, make_feed
 from idaa.data.formats import DataError
 from idaa.data.sources import StreamingDataset, StreamOptions, open_dataset
-from idaa.data.streaming import center_crop, crop_views, open_rgb
+from idaa.data.streaming import _resized, center_crop, crop_views, open_rgb
 from idaa.data.views import build_view_policy
 
 
@@ -81,6 +81,21 @@ def test_draft_decoding_and_seeded_crops(tmp_path: Path) -> None:
     assert not torch.equal(a[0], a[1])  # two independent views
     with open(tmp_path / "big.jpg", "rb") as handle:  # file objects too (shards)
         assert torch.equal(center_crop(handle, 16), center_crop(tmp_path / "big.jpg", 16))
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_crops_resample_as_pillow_does(size: int) -> None:
+    """torch's uint8 antialiased bilinear stands in for Pillow's resize: the same filter, up to rounding."""
+    img = noise(400, 350, seed=3).filter(ImageFilter.GaussianBlur(2))
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        cw, ch = (int(v) for v in rng.integers(100, 340, 2))
+        x0, y0 = int(rng.integers(0, 400 - cw)), int(rng.integers(0, 350 - ch))
+        ours = _resized(img, (x0, y0, cw, ch), img.size, size)
+        pillow = np.array(img.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)))
+        assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
+        difference = (ours.permute(1, 2, 0).int() - torch.from_numpy(pillow).int()).abs()
+        assert difference.float().mean() < 0.1 and difference.max() <= 4  # a box one pixel off: mean 2-3, max 12-15
 
 
 def test_center_crop_keeps_the_middle_of_the_shorter_side(tmp_path: Path) -> None:
