@@ -13,6 +13,7 @@ from cli_run import run
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.cli import main
 from idaa.errors import IdaaError
+from idaa.evaluate.features import file_digest
 from idaa.experiments import reproduce
 from idaa.experiments.measure import RunResult, compare, time_fractions
 from idaa.experiments.protocol import read_protocol
@@ -164,6 +165,8 @@ variants:
   none-time-slow: {match_time_of: slow}
 compare_time:
   - [slow-alpha2, none-time-slow]
+linear:
+  variants: [slow, none-time-slow]
 """
     protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
     for seed in (0, 1):
@@ -173,12 +176,22 @@ compare_time:
     runs = _resolve_stage(protocol, ["none-time-slow"], plan(protocol), echo=lambda text: None)
     for seed in (0, 1):
         fake_run(protocol.out / "runs" / f"none-time-slow-s{seed}", 6, 1.0, [40.0, 45, 48, 50, 52, 53.0 + seed])
+    for name, top1 in (("slow", [50.0, 51.0]), ("none-time-slow", [52.0, 53.0])):  # probes of these checkpoints
+        for seed in (0, 1):
+            run_dir = protocol.out / "runs" / f"{name}-s{seed}"
+            (run_dir / "eval.json").write_text(json.dumps({
+                "linear_top1": top1[seed], "checkpoint_sha256": file_digest(run_dir / "last.ckpt"),
+                "reproduce_limit": None}))
     markdown = report_markdown(collect(protocol, runs, "idaa reproduce p.yaml"))
+    probed = markdown.split("The same comparisons by linear top-1")[1].split("## Figures")[0]
+    assert "| slow | none-time-slow | 50.50 ± 0.71 | 52.50 ± 0.71 | -2.00 | 1.41 | real: none-time-slow better |" \
+        in probed and "slow-alpha2" not in probed, "only pairs whose both sides are probed"
     timed = markdown.split("## At equal training time")[1].split("##")[0]
     assert "| slow | none-time-slow | 55.50 ± 0.71 | 53.50 ± 0.71 | +2.00 | 1.41 | 6.00 / 6.00 | real" in timed
     assert "| slow-alpha2 | none-time-slow | 60.50 ± 0.71 | 53.50 ± 0.71 | +7.00 | 1.41 | 6.20 / 6.00 | real" in timed
     summary = readme_section(protocol, runs, "idaa reproduce p.yaml")
     assert "slow-alpha2 vs none-time-slow at equal training time" in summary
+    assert "- slow vs none-time-slow at equal training time: 50.50 ± 0.71 vs 52.50 ± 0.71 linear top-1" in summary
 
     # --publish copies the report beside the README's link to it; the runs stay where they are
     readme, docs = tmp_path / "README.md", tmp_path / "docs" / "rep"

@@ -90,12 +90,14 @@ def runs_table(r: Report) -> list[str]:
     return lines
 
 
-def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = False) -> list[str]:
+def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = False,
+                     key: str = "knn_top1") -> list[str]:
     extra = " training time (s): first / second |" if timed else ""
-    lines = [f"| first | second | first kNN (%) | second kNN (%) | difference | 2 SE |{extra} verdict |",
+    what = "kNN" if key == "knn_top1" else "linear"
+    lines = [f"| first | second | first {what} (%) | second {what} (%) | difference | 2 SE |{extra} verdict |",
              "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if timed else "") + " --- |"]
     for first, second in pairs:
-        a, b = r.values(first), r.values(second)
+        a, b = r.values(first, key), r.values(second, key)
         v = compare(a, b)
         two_se = "-" if v.standard_error is None else f"{2 * v.standard_error:.2f}"
         times = ""
@@ -180,6 +182,10 @@ def report_markdown(r: Report) -> str:
     if p.linear:
         parts += _section("Linear probe", "`idaa eval linear` on each final checkpoint (frozen backbone; weight "
                           "decay chosen on a held-out part of the training set).", linear_table(r))
+        probed = [pair for pair in p.compare + equal_time_pairs(p) if all(v in p.linear for v in pair)]
+        if probed:
+            parts += ["The same comparisons by linear top-1 (pairs whose both sides are probed):", "",
+                      *comparison_table(r, probed, key="linear_top1"), ""]
     parts += ["## Figures", "", "![accuracy against training time](accuracy-vs-time.png)", "",
               "![time to accuracy](time-to-accuracy.png)", "", "## Commands", "",
               "Each run's resolved settings are in the preset it was trained from:", "", "```"]
@@ -247,15 +253,18 @@ def readme_section(protocol: Protocol, runs: list[Run], command: str, published:
         v = compare(r.values(first), r.values(second))
         if v.verdict == "within noise" or v.verdict == "real" and v.difference < 0:
             lines.append(f"  On this protocol {first} does not beat SimCLR trained for the same time ({second}).")
+        if first in protocol.linear and second in protocol.linear and r.values(first, "linear_top1"):
+            lines.append(_sentence(r, first, second, "at equal training time", "linear_top1"))
     lines += ["", *runs_table(r), "", END]
     return "\n".join(lines) + "\n"
 
 
-def _sentence(r: Report, first: str, second: str, when: str) -> str:
-    a, b = r.values(first), r.values(second)
+def _sentence(r: Report, first: str, second: str, when: str, key: str = "knn_top1") -> str:
+    a, b = r.values(first, key), r.values(second, key)
     v = compare(a, b)
     two_se = "" if v.standard_error is None else f", 2 SE {2 * v.standard_error:.2f}"
-    return (f"- {first} vs {second} {when}: {fmt(*mean_std(a))} vs {fmt(*mean_std(b))} kNN top-1, difference "
+    what = "kNN" if key == "knn_top1" else "linear"
+    return (f"- {first} vs {second} {when}: {fmt(*mean_std(a))} vs {fmt(*mean_std(b))} {what} top-1, difference "
             f"{_signed(v.difference)}{two_se}: {_verdict_text(v, first, second)}.")
 
 
