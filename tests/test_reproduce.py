@@ -192,6 +192,9 @@ linear:
     summary = readme_section(protocol, runs, "idaa reproduce p.yaml")
     assert "slow-alpha2 vs none-time-slow at equal training time" in summary
     assert "- slow vs none-time-slow at equal training time: 50.50 ± 0.71 vs 52.50 ± 0.71 linear top-1" in summary
+    assert "By the linear probe, slow does not beat SimCLR trained for the same time (none-time-slow)" in summary
+    # none reaches its final 50 at 2 s; slow reaches it (55, 56) at its epoch 2, 6 s: 3.00 of none's time
+    assert "- slow reached none's final kNN in 3.00 ± 0.00 of none's training time (2/2 seeds" in summary
 
     # --publish copies the report beside the README's link to it; the runs stay where they are
     readme, docs = tmp_path / "README.md", tmp_path / "docs" / "rep"

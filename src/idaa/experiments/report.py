@@ -255,6 +255,17 @@ def readme_section(protocol: Protocol, runs: list[Run], command: str, published:
             lines.append(f"  On this protocol {first} does not beat SimCLR trained for the same time ({second}).")
         if first in protocol.linear and second in protocol.linear and r.values(first, "linear_top1"):
             lines.append(_sentence(r, first, second, "at equal training time", "linear_top1"))
+            v = compare(r.values(first, "linear_top1"), r.values(second, "linear_top1"))
+            if v.verdict == "within noise" or v.verdict == "real" and v.difference < 0:
+                lines.append(f"  By the linear probe, {first} does not beat SimCLR trained for the same time "
+                             f"({second}).")
+    ref = protocol.reference
+    for name in dict.fromkeys(first for first, _ in equal_time_pairs(protocol)):
+        fractions, compared = time_fractions(r.table.get(name, {}), r.table.get(ref, {})) if ref else ([], 0)
+        if compared:
+            lines.append(f"- {name} reached {ref}'s final kNN in {fmt(*mean_std(fractions))} of {ref}'s training "
+                         f"time ({len(fractions)}/{compared} seeds reached it; the paper's Table 11: "
+                         f"{PAPER_TABLE_11}).")
     lines += ["", *runs_table(r), "", END]
     return "\n".join(lines) + "\n"
 
