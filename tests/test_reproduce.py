@@ -116,12 +116,13 @@ def test_reproduce_reports_the_grid_and_redoes_only_the_unfinished_run(tmp_path,
     assert times == sorted(times), "training time carries over the resume"
 
 
-def fake_run(run: Path, epochs: int, seconds_per_epoch: float, knn: list[float]) -> None:
+def fake_run(run: Path, epochs: int, seconds_per_epoch: float, knn: list[float], load: float = 1.0) -> None:
     """A finished run as metrics.jsonl and last.ckpt leave it (what resolution and the report read)."""
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(b"not read")
     lines = [json.dumps({"epoch": e, "step": e, "time": 1.5 * e * seconds_per_epoch, "knn_top1": knn[e - 1],
-                         "train_time": e * seconds_per_epoch, "monitor_time": 0.5 * e}) for e in range(1, epochs + 1)]
+                         "train_time": e * seconds_per_epoch * load, "monitor_time": 0.5 * e * load})
+             for e in range(1, epochs + 1)]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -172,7 +173,7 @@ linear:
     for seed in (0, 1):
         fake_run(protocol.out / "runs" / f"none-s{seed}", 2, 1.0, [40.0, 50.0])
         fake_run(protocol.out / "runs" / f"slow-s{seed}", 2, 3.0, [45.0, 55.0 + seed])
-        fake_run(protocol.out / "runs" / f"slow-alpha2-s{seed}", 2, 3.1, [45.0, 60.0 + seed])
+        fake_run(protocol.out / "runs" / f"slow-alpha2-s{seed}", 2, 3.1, [45.0, 60.0 + seed], load=1.0 + seed)
     runs = _resolve_stage(protocol, ["none-time-slow"], plan(protocol), echo=lambda text: None)
     for seed in (0, 1):
         fake_run(protocol.out / "runs" / f"none-time-slow-s{seed}", 6, 1.0, [40.0, 45, 48, 50, 52, 53.0 + seed])
@@ -188,7 +189,13 @@ linear:
         in probed and "slow-alpha2" not in probed, "only pairs whose both sides are probed"
     timed = markdown.split("## At equal training time")[1].split("##")[0]
     assert "| slow | none-time-slow | 55.50 ± 0.71 | 53.50 ± 0.71 | +2.00 | 1.41 | 6.00 / 6.00 | real" in timed
-    assert "| slow-alpha2 | none-time-slow | 60.50 ± 0.71 | 53.50 ± 0.71 | +7.00 | 1.41 | 6.20 / 6.00 | real" in timed
+    assert "| slow-alpha2 | none-time-slow | 60.50 ± 0.71 | 53.50 ± 0.71 | +7.00 | 1.41 | 9.30 / 6.00 | real" in timed
+    runs_section = markdown.split("## Runs")[1].split("##")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in runs_section.splitlines() if line.startswith("| ")}
+    # seed 1 of slow-alpha2 ran on a machine twice as slow (training and monitor alike): 4.65x none's seconds,
+    # but in units of its own kNN evaluations it costs what seed 0 did, 6.2 / 0.5 = 12.4 against none's 2 / 0.5
+    assert rows["slow-alpha2"].endswith("| 4.65x | 1.50 ± 0.71 | 3.10x |"), rows["slow-alpha2"]
+    assert rows["none-time-slow"].endswith("| 3.00x |") and rows["slow"].endswith("| 3.00x |")
     summary = readme_section(protocol, runs, "idaa reproduce p.yaml")
     assert "slow-alpha2 vs none-time-slow at equal training time" in summary
     assert "- slow vs none-time-slow at equal training time: 50.50 ± 0.71 vs 52.50 ± 0.71 linear top-1" in summary

@@ -2,7 +2,10 @@
 
 Training time is the `train_time` field of metrics.jsonl (seconds spent in training steps, without the kNN
 monitor or checkpoint writes); runs from before that field existed fall back to the cumulative wall time.
-A difference of two means counts as real only when it exceeds twice its standard error,
+On a shared machine the seconds also follow the load of the moment; the kNN monitor does the same work in every
+run of a protocol, so training seconds over the seconds of one kNN evaluation (`monitor_units`) is a cost that
+load slows down alike and cancels out of. A difference of two means counts as real only when it exceeds twice its
+standard error,
 SE = sqrt(s1^2/n1 + s2^2/n2) over the seeds of each side.
 """
 
@@ -33,6 +36,13 @@ class RunResult:
     curve_seconds: list[float] = field(default_factory=list)
     curve_knn: list[float] = field(default_factory=list)
     linear_top1: float | None = None
+
+    @property
+    def monitor_units(self) -> float | None:
+        """Training time in units of one kNN evaluation of the same run (None without monitor timings)."""
+        if not self.train_time or not self.monitor_time or not self.curve_knn:
+            return None
+        return self.train_time / (self.monitor_time / len(self.curve_knn))
 
 
 def read_run(run: Path, epochs: int | None) -> RunResult:
@@ -130,4 +140,5 @@ def as_row(result: RunResult) -> dict[str, Any]:
     """The CSV columns of one run's numbers."""
     return {"status": result.status, "epochs": result.epochs, "knn_top1": result.knn_top1,
             "train_time_s": result.train_time, "monitor_time_s": result.monitor_time,
-            "wall_time_s": result.wall_time, "timed_by": result.timed_by, "linear_top1": result.linear_top1}
+            "wall_time_s": result.wall_time, "timed_by": result.timed_by, "monitor_units": result.monitor_units,
+            "linear_top1": result.linear_top1}
