@@ -254,16 +254,14 @@ def readme_section(protocol: Protocol, runs: list[Run], command: str, published:
     for first, second in protocol.compare:
         lines.append(_sentence(r, first, second, "at equal epochs"))
     for first, second in equal_time_pairs(protocol):
-        lines.append(_sentence(r, first, second, "at equal training time"))
-        v = compare(r.values(first), r.values(second))
-        if v.verdict == "within noise" or v.verdict == "real" and v.difference < 0:
-            lines.append(f"  On this protocol {first} does not beat SimCLR trained for the same time ({second}).")
+        probes = [("knn_top1", "On this protocol")]
         if first in protocol.linear and second in protocol.linear and r.values(first, "linear_top1"):
-            lines.append(_sentence(r, first, second, "at equal training time", "linear_top1"))
-            v = compare(r.values(first, "linear_top1"), r.values(second, "linear_top1"))
+            probes.append(("linear_top1", "By the linear probe,"))
+        for key, lead in probes:
+            lines.append(_sentence(r, first, second, "at equal training time", key))
+            v = compare(r.values(first, key), r.values(second, key))
             if v.verdict == "within noise" or v.verdict == "real" and v.difference < 0:
-                lines.append(f"  By the linear probe, {first} does not beat SimCLR trained for the same time "
-                             f"({second}).")
+                lines.append(f"  {lead} {first} does not beat SimCLR trained for the same time ({second}).")
     ref = protocol.reference
     for name in dict.fromkeys(first for first, _ in equal_time_pairs(protocol)):
         fractions, compared = time_fractions(r.table.get(name, {}), r.table.get(ref, {})) if ref else ([], 0)
