@@ -3,11 +3,13 @@
 import csv
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_run import run
 
 from idaa.analysis.time_to_accuracy import read_metrics
@@ -101,9 +103,14 @@ def test_reproduce_reports_the_grid_and_redoes_only_the_unfinished_run(tmp_path,
     kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("last.ckpt") if p.parent != interrupted}
     assert len(kept) == 3
     capsys.readouterr()
-    readme = tmp_path / "summary.md"
-    code, printed, err = run([*argv, "--readme-section", str(readme)], capsys)
+    readme, docs = tmp_path / "summary.md", tmp_path / "docs"
+    code, printed, err = run([*argv, "--readme-section", str(readme), "--publish", str(docs)], capsys)
     assert code == 0, err
+    for name in ("none-s0", "none-s1", "random-view-s0", "random-view-s1"):  # every finished run is recorded
+        for file in ("config.yaml", "metrics.jsonl"):
+            assert (docs / "runs" / name / file).read_bytes() == (out / "runs" / name / file).read_bytes()
+        assert (docs / "runs" / name / "eval.json").is_file() == name.startswith("none"), "probes of probed runs"
+    assert not list(docs.rglob("*.ckpt"))
     summary = readme.read_text()
     assert summary.startswith(START) and summary.endswith(END + "\n")
     assert "random-view vs none at equal epochs" in summary and "| random-view | `--adversary random-view` |" in summary
@@ -212,7 +219,7 @@ linear:
     for name in ("report.md", "results.csv", "accuracy-vs-time.png", "time-to-accuracy.png", "resolved.json"):
         assert (docs / name).read_bytes() == (protocol.out / name).read_bytes(), name
     assert f"full report: [{docs}/report.md]({docs}/report.md), published from {protocol.out}/" in readme.read_text()
-    assert readme.read_text().endswith(f"{END}\nkept\n") and not (docs / "runs").exists()
+    assert readme.read_text().endswith(f"{END}\nkept\n")
     code, _, err = run(["reproduce", protocol_file(tmp_path, text), "--out", str(protocol.out), "--report-only",
                         "--publish", str(protocol.out)], capsys)
     assert code == 2 and "is the report folder itself" in err
@@ -304,3 +311,54 @@ def test_bad_protocols_exit_2_with_one_line_and_write_nothing(text, extra, messa
     code, _, err = run(["reproduce", grid, "--out", str(out), *[e.format(tmp=tmp_path) for e in extra]], capsys)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_published_records_stand_in_for_lost_run_folders(tmp_path, capsys, monkeypatch):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  slow: {adversary: random-view}
+compare:
+  - [slow, none]
+linear:
+  variants: [slow]
+"""
+    grid, out, docs = protocol_file(tmp_path, text), tmp_path / "rep", tmp_path / "docs"
+    for run_ in plan(read_protocol(grid, out=str(out))):
+        fake_run(run_.path, 2, 3.0 if run_.variant == "slow" else 1.0, [45.0, 50.0 + run_.seed])
+        (run_.path / "config.yaml").write_text(yaml.safe_dump(run_.config))
+        if run_.variant == "slow":
+            (run_.path / "eval.json").write_text(json.dumps({
+                "linear_top1": 60.0 + run_.seed, "checkpoint_sha256": file_digest(run_.path / "last.ckpt"),
+                "reproduce_limit": None}))
+    argv = ["reproduce", grid, "--out", str(out), "--publish", str(docs)]
+    code, _, err = run([*argv, "--report-only"], capsys)
+    assert code == 0, err
+    before = list(csv.DictReader((docs / "results.csv").open()))
+    shutil.rmtree(out)  # the scratch folder is lost; docs/ was committed
+
+    code, printed, err = run([*argv, "--dry-run"], capsys)
+    assert code == 0 and printed.count("done (published record)") == 4 and "(4 finished)" in printed, err
+
+    def no_training(command, name, what):
+        raise AssertionError(f"{name} was trained again")
+
+    monkeypatch.setattr(reproduce, "run_child", no_training)
+    code, printed, err = run([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    assert printed.count("is taken from its published record") == 4 and "linear probe" not in printed
+    after = list(csv.DictReader((docs / "results.csv").open()))
+    columns = ("variant", "seed", "status", "knn_top1", "train_time_s", "monitor_units", "linear_top1")
+    assert [[r[c] for c in columns] for r in after] == [[r[c] for c in columns] for r in before]
+    assert [r["run"] for r in after] == [str(docs / "runs" / f"{v}-s{s}") for s in (0, 1) for v in ("none", "slow")]
+    assert "| slow | none | 50.50 ± 0.71 | 50.50 ± 0.71 | +0.00 |" in (out / "report.md").read_text()
+
+    # a probed variant's record without its probe is incomplete: that run would be trained again
+    (docs / "runs" / "slow-s1" / "eval.json").unlink()
+    code, printed, _ = run([*argv, "--dry-run"], capsys)
+    assert code == 0 and "slow-s1: new" in printed and printed.count("done (published record)") == 3
+    # a record of other settings is refused, as a run folder of other settings is
+    saved = yaml.safe_load((docs / "runs" / "none-s0" / "config.yaml").read_text())
+    (docs / "runs" / "none-s0" / "config.yaml").write_text(yaml.safe_dump({**saved, "lr": 0.5}))
+    code, _, err = run([*argv, "--dry-run"], capsys)
+    assert code == 2 and "holds a run with lr=0.5" in err and len(err.strip().splitlines()) == 1

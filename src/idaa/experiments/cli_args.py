@@ -34,7 +34,8 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--readme-section", default=None, metavar="FILE",
                    help="also write a short summary between <!-- reproduce:start/end --> markers in FILE")
     r.add_argument("--publish", default=None, metavar="DIR",
-                   help="also copy the report files to DIR (e.g. docs/...), which the README summary then links")
+                   help="keep a copy of the report and of every finished run's record (no checkpoints) in DIR, "
+                   "e.g. docs/...; runs recorded there are not trained again, and the README summary links DIR")
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -70,31 +71,38 @@ def reproduce_command(args: argparse.Namespace) -> str:
 def _reproduce(args: argparse.Namespace) -> None:
     from idaa.experiments.protocol import read_protocol
     from idaa.experiments.report import publish_report, readme_section, write_readme_section, write_report
-    from idaa.experiments.reproduce import plan, run_reproduce, status_lines
+    from idaa.experiments.reproduce import plan, publish_run, run_reproduce, status_lines
     from idaa.experiments.runner import RunStopped
 
     if args.dry_run and args.report_only:
         raise IdaaError("--dry-run and --report-only exclude each other")
     protocol = read_protocol(args.protocol, args.data_dir, args.vae, args.seeds, args.variants, args.out,
-                             args.max_steps)
+                             args.max_steps, args.publish)
     command = reproduce_command(args)
     if args.dry_run:
         print("\n".join(status_lines(protocol, plan(protocol))))
         return
+
+    def write(runs: list) -> dict:
+        paths = write_report(protocol, runs, command)
+        if protocol.publish is not None:
+            paths["published"] = publish_report(protocol, paths)
+        return paths
+
     if args.report_only:
         runs = plan(protocol)
-        if not protocol.out.is_dir():
+        if not protocol.out.is_dir() and not any(run.recorded for run in runs):
             raise IdaaError(f"'{protocol.out}' does not exist: nothing to report yet")
+        protocol.out.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            publish_run(protocol, run)
     else:
         try:
-            runs = run_reproduce(protocol, progress=not args.no_progress,
-                                 write=lambda runs: write_report(protocol, runs, command))
+            runs = run_reproduce(protocol, progress=not args.no_progress, write=write)
         except RunStopped as stop:
             print(f"idaa: {stop}", file=sys.stderr)
             raise SystemExit(stop.code) from None
-    paths = write_report(protocol, runs, command)
-    if args.publish:
-        paths["published"] = publish_report(protocol, paths, args.publish)
+    paths = write(runs)
     if args.readme_section:
         paths["readme"] = write_readme_section(args.readme_section,
                                                readme_section(protocol, runs, command, args.publish))

@@ -70,6 +70,7 @@ class Protocol:
     linear: list[str]
     linear_limit: int | None
     out: Path
+    publish: Path | None = None
 
 
 def _names(value: Any, what: str) -> list[str]:
@@ -167,8 +168,12 @@ def _with_dependencies(chosen: list[str], variants: dict[str, Variant]) -> list[
 
 def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None = None,
                   seeds: str | list[int] | None = None, variants: str | None = None,
-                  out: str | None = None, max_steps: int | None = None) -> Protocol:
-    """Parse and check a protocol file and the command-line overrides; relative paths are the working directory's."""
+                  out: str | None = None, max_steps: int | None = None, publish: str | None = None) -> Protocol:
+    """Parse and check a protocol file and the command-line overrides; relative paths are the working directory's.
+
+    `publish` is the folder that keeps a copy of the report and of every finished run's record (see
+    `idaa.experiments.reproduce`), e.g. under docs/, so the grid survives the loss of its run folders.
+    """
     path = Path(path)
     data = read_preset(path, fields=PROTOCOL_KEYS)
     base = data.get("base")
@@ -209,12 +214,14 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
         compare_time = [pair for pair in compare_time if pair[0] in grid and pair[1] in grid]
         linear_variants = [v for v in linear_variants if v in grid]
     overrides = {k: v for k, v in (("data_dir", data_dir), ("vae", vae), ("max_steps", max_steps)) if v is not None}
-    target = out or data.get("out") or f"runs/reproduce-{path.stem}"
+    target = Path(str(out or data.get("out") or f"runs/reproduce-{path.stem}"))
+    if publish is not None and Path(publish).resolve() == target.resolve():
+        raise IdaaError(f"--publish '{publish}' is the report folder itself; name another folder, e.g. docs/...")
     return Protocol(path, preset, overrides, read_vae_block(data.get("vae")),
                     parse_seeds(seeds if seeds is not None else data.get("seeds", [0]),
                                 "--seeds" if seeds is not None else "seeds"),
                     grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
-                    Path(str(target)))
+                    target, Path(publish) if publish is not None else None)
 
 
 def stages(protocol: Protocol) -> list[list[str]]:

@@ -207,7 +207,7 @@ def results_csv(r: Report) -> str:
     writer.writerow(header)
     for run in r.runs:
         row = as_row(r.table[run.variant][run.seed])
-        writer.writerow([run.variant, run.seed, str(run.path), *row.values(), run.command() if run.config else ""])
+        writer.writerow([run.variant, run.seed, str(run.source), *row.values(), run.command() if run.config else ""])
     return buffer.getvalue()
 
 
@@ -224,11 +224,10 @@ def write_report(protocol: Protocol, runs: list[Run], command: str) -> dict[str,
     return paths
 
 
-def publish_report(protocol: Protocol, paths: dict[str, Path], target: str | Path) -> Path:
-    """Copy the report files (and resolved.json) to `target`, e.g. docs/, so they can be committed without runs."""
-    target = Path(target)
-    if target.resolve() == protocol.out.resolve():
-        raise IdaaError(f"--publish '{target}' is the report folder itself; name another folder, e.g. docs/...")
+def publish_report(protocol: Protocol, paths: dict[str, Path]) -> Path:
+    """Copy the report files (and resolved.json) to the protocol's publish folder, e.g. docs/, to commit them."""
+    assert protocol.publish is not None
+    target = protocol.publish
     files = [*paths.values()] + [f for f in [protocol.out / "resolved.json"] if f.is_file()]
     try:
         target.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,13 @@ Every pretraining run is its own `idaa pretrain` process, alone on the machine (
 a finished run is reused and an interrupted one resumed, so running the same command again continues the grid.
 Compute-matched and best-of variants are resolved once the runs they depend on have finished (see
 `idaa.experiments.protocol`). The final checkpoints of the `linear:` variants then get the linear probe of
-`idaa eval linear`, and the report folder is rewritten after every run.
+`idaa eval linear` as soon as they finish, and the report folder is rewritten after every run.
+
+With `--publish DIR` every finished run also leaves its record in `DIR/runs/<run>/` (config.yaml, metrics.jsonl
+and, for a probed variant, eval.json: a few kB, no checkpoint), and `DIR/resolved.json`. A run whose folder is
+gone or unfinished but whose record is complete, with the same settings, is taken from the record instead of
+being trained again: a grid kept in a repository's docs/ continues on another machine, or after its scratch
+folder was lost, and the report is rewritten from the records.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.errors import IdaaError
 from idaa.experiments.measure import RunResult, read_run
 from idaa.experiments.protocol import Protocol, Variant, stages
@@ -23,12 +30,14 @@ from idaa.experiments.runner import (
     VAE_ADVERSARIES,
     VAE_INHERITED,
     VAEJob,
+    check_same_run,
     ensure_vae,
+    finished,
     pretrain_command,
     run_child,
     run_status,
 )
-from idaa.fileio import atomic_write_text
+from idaa.fileio import atomic_write_bytes, atomic_write_text
 from idaa.train.config import resolve_config
 
 WHAT = "reproduce"
@@ -44,10 +53,17 @@ class Run:
     config: dict[str, Any] | None
     vae: VAEJob | None
     waits_for: list[str]
+    record: Path | None = None  # its published record, when the protocol publishes
+    recorded: bool = False  # the run is taken from that record (its own folder is gone or unfinished)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def source(self) -> Path:
+        """The folder its measurements are read from: the published record, or the run folder."""
+        return self.record if self.recorded and self.record is not None else self.path
 
     @property
     def preset(self) -> Path:
@@ -61,6 +77,8 @@ class Run:
 def read_resolved(protocol: Protocol) -> dict[str, dict[str, Any]]:
     """What earlier invocations measured for the deferred variants (`<out>/resolved.json`)."""
     path = protocol.out / "resolved.json"
+    if not path.is_file() and protocol.publish is not None:
+        path = protocol.publish / "resolved.json"  # the published copy, when the report folder was lost
     if not path.is_file():
         return {}
     try:
@@ -134,8 +152,58 @@ def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None) 
                     runs.append(Run(name, seed, path, None, None, variant.depends_on))
                     continue
                 config, job = _config(protocol, settings, seed, path, name)
-                runs.append(Run(name, seed, path, config, job, []))
+                run = Run(name, seed, path, config, job, [])
+                if protocol.publish is not None:
+                    run.record = protocol.publish / "runs" / run.name
+                    run.recorded = _complete_record(protocol, run)
+                runs.append(run)
     return runs
+
+
+def _complete_record(protocol: Protocol, run: Run) -> bool:
+    """Whether to take the run from its published record: its folder is not finished and the record is.
+
+    A record counts when it has the final epoch and, for a variant the protocol probes, the linear result made
+    with the protocol's limit; a record of other settings is refused like a run folder of other settings.
+    """
+    assert run.config is not None and run.record is not None
+    if run_status(run.path, run.config, "the protocol") == "done" or not (run.record / "metrics.jsonl").is_file():
+        return False
+    check_same_run(run.record, run.config, "the protocol")
+    if not finished(read_metrics(run.record / "metrics.jsonl"), run.config["epochs"]):
+        return False
+    return run.variant not in protocol.linear or _read_eval(run.record / "eval.json", protocol.linear_limit) \
+        is not None
+
+
+def _read_eval(path: Path, limit: int | None) -> dict[str, Any] | None:
+    """A reproduce linear-probe record made with this limit (None if missing, unreadable or another limit)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and record.get("reproduce_limit", "absent") == limit else None
+
+
+def publish_run(protocol: Protocol, run: Run) -> None:
+    """Copy a run finished in its folder to its published record (its probe too, once made from last.ckpt)."""
+    if run.record is None or run.recorded or run.config is None or \
+            run_status(run.path, run.config, "the protocol") != "done":
+        return
+    files = [path for path in (run.path / "config.yaml", run.path / "metrics.jsonl") if path.is_file()]
+    if linear_result(run, protocol.linear_limit) is not None:
+        files.append(run.path / "eval.json")
+    try:
+        run.record.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            data, target = path.read_bytes(), run.record / path.name
+            if not target.is_file() or target.read_bytes() != data:
+                atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
+    except OSError as exc:
+        raise IdaaError(f"cannot publish '{run.name}' to '{run.record}' ({exc.strerror or type(exc).__name__})") \
+            from None
 
 
 def results_by_variant(runs: list[Run]) -> dict[str, dict[int, RunResult]]:
@@ -143,7 +211,7 @@ def results_by_variant(runs: list[Run]) -> dict[str, dict[int, RunResult]]:
     table: dict[str, dict[int, RunResult]] = {}
     for run in runs:
         epochs = run.config["epochs"] if run.config else None
-        table.setdefault(run.variant, {})[run.seed] = read_run(run.path, epochs)
+        table.setdefault(run.variant, {})[run.seed] = read_run(run.source, epochs)
     return table
 
 
@@ -186,6 +254,9 @@ def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: 
 
 def _train(run: Run, progress: bool, echo: Any) -> None:
     assert run.config is not None
+    if run.recorded:
+        echo(f"{WHAT}: {run.name} is taken from its published record {run.record}")
+        return
     status = run_status(run.path, run.config, "the protocol")
     if status == "done":
         echo(f"{WHAT}: {run.name} is finished, reusing it")
@@ -203,21 +274,23 @@ def linear_command(run: Run, limit: int | None) -> str:
 
 
 def linear_result(run: Run, limit: int | None) -> dict[str, Any] | None:
-    """The run's eval.json when it was made from the current last.ckpt with this protocol's limit."""
-    path = run.path / "eval.json"
-    if not path.is_file() or not (run.path / "last.ckpt").is_file():
+    """The run's eval.json when it was made from the current last.ckpt with this protocol's limit.
+
+    A run taken from its published record has no checkpoint: its record's eval.json was checked when published.
+    """
+    if run.recorded and run.record is not None:
+        return _read_eval(run.record / "eval.json", limit)
+    record = _read_eval(run.path / "eval.json", limit)
+    if record is None or not (run.path / "last.ckpt").is_file():
         return None
     from idaa.evaluate.features import file_digest
 
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    fresh = record.get("checkpoint_sha256") == file_digest(run.path / "last.ckpt")
-    return record if fresh and record.get("reproduce_limit", "absent") == limit else None
+    return record if record.get("checkpoint_sha256") == file_digest(run.path / "last.ckpt") else None
 
 
 def _linear(run: Run, limit: int | None, progress: bool, echo: Any) -> None:
+    if run.recorded:
+        return  # a record of a probed variant is complete only with its probe
     if run.config is None or run_status(run.path, run.config, "the protocol") != "done":
         echo(f"{WHAT}: {run.name} is unfinished, no linear probe")
         return
@@ -237,15 +310,16 @@ def _linear(run: Run, limit: int | None, progress: bool, echo: Any) -> None:
 
 def status_lines(protocol: Protocol, runs: list[Run]) -> list[str]:
     """What --dry-run prints: every run and whether it is done, partial, new or waiting for others."""
-    states = [run_status(r.path, r.config, "the protocol") if r.config else f"waits for {', '.join(r.waits_for)}"
-              for r in runs]
-    lines = [f"{WHAT}: {len(runs)} runs in {protocol.out} ({states.count('done')} finished)"]
+    states = ["done (published record)" if r.recorded else run_status(r.path, r.config, "the protocol")
+              if r.config else f"waits for {', '.join(r.waits_for)}" for r in runs]
+    done = sum(state.startswith("done") for state in states)
+    lines = [f"{WHAT}: {len(runs)} runs in {protocol.out} ({done} finished)"]
     return lines + [f"  {run.name}: {state}" for run, state in zip(runs, states, strict=True)]
 
 
 def run_reproduce(protocol: Protocol, progress: bool = True, echo: Any = print,
                   write: Any = None) -> list[Run]:
-    """Train what is missing, stage by stage and run by run, then the linear probes; `write(runs)` reports."""
+    """Train what is missing, stage by stage and run by run, each probed as it finishes; `write(runs)` reports."""
     runs = plan(protocol)  # every config is checked before anything is written
     try:
         protocol.out.mkdir(parents=True, exist_ok=True)
@@ -259,10 +333,9 @@ def run_reproduce(protocol: Protocol, progress: bool = True, echo: Any = print,
             runs = _resolve_stage(protocol, stage, runs, echo)
         for run in [r for r in runs if r.variant in stage]:
             _train(run, progress, echo)
+            if run.variant in protocol.linear:  # probed at once, so its published record is complete
+                _linear(run, protocol.linear_limit, progress, echo)
+            publish_run(protocol, run)
             if write is not None:
                 write(runs)
-    for run in [r for r in runs if r.variant in protocol.linear]:
-        _linear(run, protocol.linear_limit, progress, echo)
-        if write is not None:
-            write(runs)
     return runs
