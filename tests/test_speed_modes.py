@@ -14,11 +14,11 @@ from idaa.train.config import resolve_config
 from idaa.train.step import apply_speedups, compute_losses, to_memory_format
 
 
-def fresh(name="simclr"):
+def fresh(name="simclr", width=4):
     options = {"proj_hidden": 32, "proj_dim": 16} if name == "simclr" else {"proj_hidden": 32, "proj_dim": 32,
                                                                                "pred_hidden": 8}
     torch.manual_seed(0)
-    return build_method(name, build_backbone("resnet18-cifar", width=4), **options).train()
+    return build_method(name, build_backbone("resnet18-cifar", width=width), **options).train()
 
 
 @pytest.mark.parametrize("name", ["simclr", "simsiam"])
@@ -69,11 +69,13 @@ def test_channels_last_and_compile_leave_the_step_unchanged(channels_last, compi
     v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     adv = build_adversary("idaa", vae=tiny_vae, eps=0.2)
     results = []
+    # width 8: torch 2.13's CPU channels-last backward at width 4 (4-channel convolutions) crashes the process
+    # now and then on some AVX2 machines (AMD EPYC), a oneDNN fault outside this package
     for speed in (False, True):
-        method = fresh()
+        method = fresh(width=8)
         if speed:
             apply_speedups(method, channels_last, compiled)
-            assert list(method.state_dict()) == list(fresh().state_dict()), "parameter names must not change"
+            assert list(method.state_dict()) == list(fresh(width=8).state_dict()), "parameter names must not change"
         losses = compute_losses(method, adv, to_memory_format(v1, channels_last and speed),
                                 to_memory_format(v2, channels_last and speed))
         losses.total.backward()
@@ -96,7 +98,7 @@ def test_pretrain_runs_with_channels_last_and_compile(tmp_path, monkeypatch, cap
     monkeypatch.setenv("IDAA_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     out = tmp_path / "run"
-    argv = ["pretrain", "--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "96", "--epochs", "1",
+    argv = ["pretrain", "--dataset", "digits", "--width", "8", "--batch-size", "32", "--limit", "96", "--epochs", "1",
             "--adversary", "clae", "--channels-last", "--compile", "--no-progress", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
