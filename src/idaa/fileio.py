@@ -30,6 +30,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(Path(path), lambda handle: handle.write(data))
 
 
+def copy_into(files: list[Path], folder: Path) -> None:
+    """Copy files into `folder` (created), each atomically, skipping those already there byte for byte."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        data, target = path.read_bytes(), folder / path.name
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save that never leaves a half-written file at `path`."""
     import torch  # lazily: the module stays importable without paying for torch

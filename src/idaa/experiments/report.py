@@ -18,7 +18,7 @@ from idaa.experiments.figures import PAPER_TABLE_11, plot_accuracy_vs_time, plot
 from idaa.experiments.measure import RunResult, Verdict, as_row, compare, fmt, mean_std, summary, time_fractions
 from idaa.experiments.protocol import Protocol
 from idaa.experiments.reproduce import Run, linear_command, linear_result, read_resolved, results_by_variant
-from idaa.fileio import atomic_write_bytes, atomic_write_text
+from idaa.fileio import atomic_write_text, copy_into
 from idaa.train.config import resolve_config
 
 START, END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
@@ -230,10 +230,7 @@ def publish_report(protocol: Protocol, paths: dict[str, Path]) -> Path:
     target = protocol.publish
     files = [*paths.values()] + [f for f in [protocol.out / "resolved.json"] if f.is_file()]
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        for path in files:
-            data = path.read_bytes()
-            atomic_write_bytes(target / path.name, lambda handle, data=data: handle.write(data))
+        copy_into(files, target)
     except OSError as exc:
         raise IdaaError(f"cannot publish to '{target}' ({exc.strerror or type(exc).__name__})") from None
     return target

@@ -37,7 +37,7 @@ from idaa.experiments.runner import (
     run_child,
     run_status,
 )
-from idaa.fileio import atomic_write_bytes, atomic_write_text
+from idaa.fileio import atomic_write_text, copy_into
 from idaa.train.config import resolve_config
 
 WHAT = "reproduce"
@@ -196,11 +196,7 @@ def publish_run(protocol: Protocol, run: Run) -> None:
     if linear_result(run, protocol.linear_limit) is not None:
         files.append(run.path / "eval.json")
     try:
-        run.record.mkdir(parents=True, exist_ok=True)
-        for path in files:
-            data, target = path.read_bytes(), run.record / path.name
-            if not target.is_file() or target.read_bytes() != data:
-                atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
+        copy_into(files, run.record)
     except OSError as exc:
         raise IdaaError(f"cannot publish '{run.name}' to '{run.record}' ({exc.strerror or type(exc).__name__})") \
             from None
