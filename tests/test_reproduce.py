@@ -362,3 +362,30 @@ linear:
     (docs / "runs" / "none-s0" / "config.yaml").write_text(yaml.safe_dump({**saved, "lr": 0.5}))
     code, _, err = run([*argv, "--dry-run"], capsys)
     assert code == 2 and "holds a run with lr=0.5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runs_taken_from_records_need_no_vae(tmp_path, capsys, monkeypatch):
+    """On a fresh machine the VAE is needed only by a run still to train, not by records, reports or a dry run."""
+    grid = protocol_file(tmp_path, BASE + "seeds: [0]\nvariants:\n  none: {}\n  adv: {adversary: idaa, eps: 0.1}\n")
+    out, docs, vae = tmp_path / "rep", tmp_path / "docs", tmp_path / "gone" / "vae.pt"
+    argv = ["reproduce", grid, "--out", str(out), "--publish", str(docs), "--vae", str(vae)]
+    for run_ in plan(read_protocol(grid, vae=str(vae), out=str(out)), training=False):
+        fake_run(run_.path, 2, 1.0, [45.0, 50.0])
+        (run_.path / "config.yaml").write_text(yaml.safe_dump(run_.config))
+    code, _, err = run([*argv, "--report-only"], capsys)
+    assert code == 0, err
+    shutil.rmtree(out)
+
+    def no_training(command, name, what):
+        raise AssertionError(f"{name} was trained again")
+
+    monkeypatch.setattr(reproduce, "run_child", no_training)
+    for extra in (["--dry-run"], ["--report-only"], ["--no-progress"]):
+        code, printed, err = run([*argv, *extra], capsys)
+        assert code == 0, (extra, err)
+    assert printed.count("is taken from its published record") == 2
+    shutil.rmtree(docs / "runs" / "adv-s0")  # now adv-s0 has to train, and its VAE is missing
+    code, printed, _ = run([*argv, "--dry-run"], capsys)
+    assert code == 0 and "adv-s0: new" in printed
+    code, _, err = run([*argv, "--no-progress"], capsys)
+    assert code == 2 and f"VAE '{vae}' (variant 'adv') does not exist" in err and len(err.strip().splitlines()) == 1

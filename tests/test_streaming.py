@@ -1,5 +1,6 @@
 """Streaming image source: decoding (modes, EXIF, draft), seeded crops, worker-independent batches, DDP shares."""
 
+import io
 import os
 import subprocess
 import sys
@@ -8,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
+from idaa.data import streaming
 from idaa.data.datasets import ImageDataset
 from idaa.data.feeds import StreamFeed, make_feed
 from idaa.data.formats import DataError
 from idaa.data.sources import StreamingDataset, StreamOptions, open_dataset
-from idaa.data.streaming import _resized, center_crop, crop_views, open_rgb
+from idaa.data.streaming import _resized, center_crop, crop_views, open_rgb, read_rgb
 from idaa.data.views import build_view_policy
 
 
@@ -83,6 +85,59 @@ def test_draft_decoding_and_seeded_crops(tmp_path: Path) -> None:
         assert torch.equal(center_crop(handle, 16), center_crop(tmp_path / "big.jpg", 16))
 
 
+def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streaming, "simplejpeg", None)
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RGB and grey JPEGs skip Pillow's decoder: the same pixels and crops at every scale and EXIF orientation."""
+    files = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        noise(61, 40, seed=orientation).filter(ImageFilter.GaussianBlur(1)).save(
+            tmp_path / f"o{orientation}.jpg", exif=exif, quality=90)
+        files.append(tmp_path / f"o{orientation}.jpg")
+    smooth(900, 700).save(tmp_path / "big.jpg", quality=90, progressive=True)
+    noise(50, 30).convert("L").save(tmp_path / "grey.jpg")
+    files += [tmp_path / "big.jpg", tmp_path / "grey.jpg"]
+    calls = []
+    decode = streaming.simplejpeg.decode_jpeg
+    monkeypatch.setattr(streaming.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    fast = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2), center_crop(f, 24))
+            for f in files]
+    assert len(calls) == 4 * len(files)  # every one of them decoded by libjpeg-turbo
+    _pillow_only(monkeypatch)
+    for f, (full, reduced, crops, centre) in zip(files, fast, strict=True):
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
+        assert np.array_equal(full, upright), f.name
+        assert np.array_equal(reduced, read_rgb(f, min_side=20)), f.name
+        assert torch.equal(crops, crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2)), f.name
+        assert torch.equal(centre, center_crop(f, 24)), f.name
+    assert read_rgb(tmp_path / "big.jpg", min_side=80).shape == (88, 113, 3)  # 700 x 900 decoded at 1/8
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+def test_what_libjpeg_only_warns_about_is_decided_by_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraneous bytes before a marker decode as Pillow decodes them; a truncated JPEG names its file either way."""
+    buffer = io.BytesIO()
+    noise(64, 48).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    sos = data.index(b"\xff\xda")
+    (tmp_path / "junk.jpg").write_bytes(data[:sos] + b"\x00\x00" + data[sos:])  # libjpeg: "extraneous bytes"
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        streaming.simplejpeg.decode_jpeg((tmp_path / "junk.jpg").read_bytes(), colorspace="RGB")
+    junk = read_rgb(tmp_path / "junk.jpg")
+    for decoder in ("simplejpeg", "pillow"):
+        if decoder == "pillow":
+            _pillow_only(monkeypatch)
+        assert np.array_equal(read_rgb(tmp_path / "junk.jpg"), junk)
+        with pytest.raises(DataError, match="cut.jpg"):
+            crop_views(tmp_path / "cut.jpg", 0, 0, 0, 16, (0.08, 1.0), 1)
+
+
 @pytest.mark.parametrize("size", [224, 64])
 def test_crops_resample_as_pillow_does(size: int) -> None:
     """torch's uint8 antialiased bilinear stands in for Pillow's resize: the same filter, up to rounding."""
@@ -91,7 +146,7 @@ def test_crops_resample_as_pillow_does(size: int) -> None:
     for _ in range(8):
         cw, ch = (int(v) for v in rng.integers(100, 340, 2))
         x0, y0 = int(rng.integers(0, 400 - cw)), int(rng.integers(0, 350 - ch))
-        ours = _resized(img, (x0, y0, cw, ch), img.size, size)
+        ours = _resized(np.asarray(img), (x0, y0, cw, ch), img.size, size)
         pillow = np.array(img.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)))
         assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
         difference = (ours.permute(1, 2, 0).int() - torch.from_numpy(pillow).int()).abs()

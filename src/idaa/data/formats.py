@@ -139,9 +139,9 @@ def scan_labelled(
 
 def _open_rgb(path: Path) -> np.ndarray:
     """Decode one image file to an H x W x 3 uint8 array (EXIF-oriented, any mode to RGB), naming it if unreadable."""
-    from idaa.data.streaming import open_rgb  # the one decoder of both paths (lazy: streaming imports this module)
+    from idaa.data.streaming import read_rgb  # the one decoder of both paths (lazy: streaming imports this module)
 
-    return np.asarray(open_rgb(path))
+    return read_rgb(path)
 
 
 def _size_error(first: Path, first_shape: tuple, other: Path, other_shape: tuple) -> DataError:

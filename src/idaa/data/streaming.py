@@ -2,15 +2,18 @@
 
 A sample's random-resized crops are drawn from the full-resolution image (EXIF orientation applied) with
 randomness derived from (seed, epoch, index, view) alone, so 0, 1 or N workers, and a run resumed mid-epoch,
-see the same crops. JPEGs are decoded at the smallest scale (Pillow's draft: 1/2, 1/4, 1/8) that still gives
-every crop at least its output resolution. The colour part of the views stays on the device (`views.py`).
+see the same crops. JPEGs are decoded at the smallest scale (1/2, 1/4, 1/8, as Pillow's draft) that still gives
+every crop at least its output resolution; RGB and greyscale JPEGs go straight from libjpeg-turbo to a numpy
+array (simplejpeg: Pillow's pixels, without its per-image overhead), everything else through Pillow. The colour
+part of the views stays on the device (`views.py`).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,12 +24,22 @@ from PIL import Image, ImageOps
 
 from idaa.data.formats import DataError
 
+try:  # a core dependency; without its wheel (an unusual platform) every file goes through Pillow
+    import simplejpeg
+except ImportError:  # pragma: no cover
+    simplejpeg = None
+
 __all__ = ["BAD_IMAGES", "CropDataset", "EpochBatches", "center_crop", "crop_views", "default_workers",
-           "image_loader", "open_rgb", "oriented_size"]
+           "image_loader", "open_rgb", "oriented_size", "read_rgb"]
 
 BAD_IMAGES = ("error", "skip")
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's aspect-ratio range
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+# EXIF orientation -> the view of the stored H x W x C array that displays upright (ImageOps.exif_transpose's)
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1)}
 Source = str | Path | BinaryIO
 
 
@@ -40,13 +53,45 @@ def _name(source: Source) -> str:
     return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "<file object>"))
 
 
-def _lazy(source: Source) -> Image.Image:
+def _unreadable(name: str, exc: BaseException) -> DataError:
+    return DataError(f"cannot read image '{name}': {' '.join(str(exc).split()) or type(exc).__name__}")
+
+
+def _lazy(source: Source, name: str | None = None) -> Image.Image:
     """Open without decoding: size, mode and EXIF are read from the header only."""
     try:
         return Image.open(source)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"cannot read image '{_name(source)}': {reason}") from None
+        raise _unreadable(name or _name(source), exc) from None
+
+
+class _Encoded:
+    """One image file read once into memory: its header parsed lazily by Pillow, its bytes kept for libjpeg-turbo."""
+
+    def __init__(self, source: Source) -> None:
+        self.name = _name(source)
+        try:
+            self.data = Path(source).read_bytes() if isinstance(source, str | Path) else source.read()
+        except OSError as exc:
+            raise _unreadable(self.name, exc) from None
+        self.img = _lazy(io.BytesIO(self.data), self.name)
+        self.orientation = _orientation(self.img)
+        w, h = self.img.size
+        self.size = (h, w) if self.orientation in _SWAPS_AXES else (w, h)  # as displayed
+
+    def pixels(self, factor: float = 1.0) -> np.ndarray:
+        """Upright RGB pixels (H x W x 3 uint8, possibly a strided view) at the JPEG scale that `factor` allows."""
+        request = _request(self.img, factor)
+        if simplejpeg is not None and self.img.format == "JPEG" and self.img.mode in ("RGB", "L"):
+            w, h = self.img.size
+            k = _reduction(self.img.size, request)
+            try:  # strict: whatever libjpeg only warns about goes to Pillow, which decides as it always has
+                array = simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=math.ceil(w / k) if k > 1 else 0,
+                                               min_height=math.ceil(h / k) if k > 1 else 0)
+                return _UPRIGHT.get(self.orientation, lambda a: a)(array)
+            except ValueError:
+                pass
+        return np.asarray(_decode(self.img, self.name, request))
 
 
 def _orientation(img: Image.Image) -> int:
@@ -80,7 +125,7 @@ def _decode(img: Image.Image, name: str, request: tuple[int, int] | None) -> Ima
         img.load()
         return _to_rgb(img)
     except Exception as exc:  # truncated data, bad chunks, decoder errors...
-        raise DataError(f"cannot read image '{name}': {' '.join(str(exc).split()) or type(exc).__name__}") from None
+        raise _unreadable(name, exc) from None
 
 
 def _request(img: Image.Image, factor: float) -> tuple[int, int] | None:
@@ -91,14 +136,26 @@ def _request(img: Image.Image, factor: float) -> tuple[int, int] | None:
     return max(1, math.ceil(w * factor)), max(1, math.ceil(h * factor))
 
 
-def open_rgb(source: Source, min_side: int | None = None) -> Image.Image:
-    """Decode an image file (or file object) to RGB with EXIF orientation applied; raises DataError naming it.
+def _reduction(size: tuple[int, int], request: tuple[int, int] | None) -> int:
+    """The JPEG scale divisor Pillow's draft picks for `request`: the largest of 1, 2, 4, 8 that still covers it."""
+    if request is None:
+        return 1
+    fits = min(size[0] // request[0], size[1] // request[1])
+    return next(k for k in (8, 4, 2, 1) if k <= max(1, fits))
 
-    With `min_side`, a JPEG is decoded at the smallest draft scale whose shorter side is still >= min_side.
+
+def read_rgb(source: Source, min_side: int | None = None) -> np.ndarray:
+    """Decode an image file (or file object) to upright RGB pixels (H x W x 3 uint8); raises DataError naming it.
+
+    With `min_side`, a JPEG is decoded at the smallest scale whose shorter side is still >= min_side.
     """
-    img = _lazy(source)
-    request = None if min_side is None else _request(img, min_side / max(1, min(img.size)))
-    return _decode(img, _name(source), request)
+    encoded = _Encoded(source)
+    return np.ascontiguousarray(encoded.pixels(1.0 if min_side is None else min_side / max(1, min(encoded.size))))
+
+
+def open_rgb(source: Source, min_side: int | None = None) -> Image.Image:
+    """`read_rgb` as a PIL image."""
+    return Image.fromarray(read_rgb(source, min_side))
 
 
 def crop_boxes(width: int, height: int, rng: np.random.Generator,
@@ -119,20 +176,23 @@ def crop_boxes(width: int, height: int, rng: np.random.Generator,
     return (width - cw) // 2, (height - ch) // 2, cw, ch
 
 
-def _resized(img: Image.Image, box: Sequence[float], full: tuple[int, int], size: int) -> torch.Tensor:
-    """The box (full-resolution coordinates) of a possibly draft-reduced image, resized to 3 x size x size uint8.
+def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], size: int) -> torch.Tensor:
+    """The box (full-resolution coordinates) of possibly reduced pixels (H x W x 3), resized to 3 x size x size uint8.
 
     Antialiased bilinear, Pillow's filter (the same pixels up to rounding: < 0.1 grey level apart on average), by
     torch's uint8 kernel in about a third of Pillow's time; the box is rounded out to whole decoded pixels.
     """
-    fx, fy = img.size[0] / full[0], img.size[1] / full[1]
+    height, width = pixels.shape[:2]
+    fx, fy = width / full[0], height / full[1]
     x0, y0, cw, ch = box
-    left, top = min(int(x0 * fx), img.size[0] - 1), min(int(y0 * fy), img.size[1] - 1)
-    right = min(img.size[0], max(left + 1, math.ceil((x0 + cw) * fx - 1e-6)))
-    bottom = min(img.size[1], max(top + 1, math.ceil((y0 + ch) * fy - 1e-6)))
-    region = torch.from_numpy(np.asarray(img.crop((left, top, right, bottom))).copy())  # h x w x 3, writable
-    out = F.interpolate(region.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", antialias=True,
-                        align_corners=False)
+    left, top = min(int(x0 * fx), width - 1), min(int(y0 * fy), height - 1)
+    right = min(width, max(left + 1, math.ceil((x0 + cw) * fx - 1e-6)))
+    bottom = min(height, max(top + 1, math.ceil((y0 + ch) * fy - 1e-6)))
+    region = pixels[top:bottom, left:right]
+    if not (region.flags.c_contiguous and region.flags.writeable):
+        region = region.copy()  # torch wants writable, contiguous h x w x 3 pixels (its fast uint8 kernel)
+    out = F.interpolate(torch.from_numpy(region).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                        antialias=True, align_corners=False)
     return out[0]
 
 
@@ -140,28 +200,32 @@ def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, s
                scale: tuple[float, float], views: int) -> torch.Tensor:
     """`views` random-resized crops (views x 3 x size x size uint8) of one image, seeded by (seed, epoch, index, view).
 
-    `image` is a decoded PIL image or a file (path or file object); a file is decoded once, at the smallest
-    JPEG draft scale at which every crop still has >= size pixels on each side.
+    `image` is a decoded PIL image or a file (path or file object); a file is read once and decoded once, at the
+    smallest JPEG scale at which every crop still has >= size pixels on each side.
     """
     if isinstance(image, Image.Image):
-        img: Image.Image | None = _to_rgb(image)
-        full = img.size
+        encoded, pixels = None, np.asarray(_to_rgb(image))
+        full = (pixels.shape[1], pixels.shape[0])
     else:
-        img, lazy = None, _lazy(image)
-        full = oriented_size(lazy)
+        encoded = _Encoded(image)
+        full = encoded.size
     boxes = [crop_boxes(full[0], full[1], np.random.default_rng([seed % 2**63, epoch, index, view]), scale)
              for view in range(views)]
-    if img is None:
-        img = _decode(lazy, _name(image), _request(lazy, size / max(1, min(min(b[2], b[3]) for b in boxes))))
-    return torch.stack([_resized(img, box, full, size) for box in boxes])
+    if encoded is not None:
+        pixels = encoded.pixels(size / max(1, min(min(b[2], b[3]) for b in boxes)))
+    return torch.stack([_resized(pixels, box, full, size) for box in boxes])
 
 
 def center_crop(image: Image.Image | Source, size: int) -> torch.Tensor:
     """Evaluation transform: shorter side resized to `size`, centre size x size crop (3 x size x size uint8)."""
-    img = _to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image, min_side=size)
-    w, h = img.size
+    if isinstance(image, Image.Image):
+        pixels = np.asarray(_to_rgb(image))
+    else:
+        encoded = _Encoded(image)
+        pixels = encoded.pixels(size / max(1, min(encoded.size)))
+    h, w = pixels.shape[:2]
     side = min(w, h)
-    return _resized(img, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size).contiguous()
+    return _resized(pixels, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size).contiguous()
 
 
 def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, device: torch.device,

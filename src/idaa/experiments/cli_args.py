@@ -80,7 +80,7 @@ def _reproduce(args: argparse.Namespace) -> None:
                              args.max_steps, args.publish)
     command = reproduce_command(args)
     if args.dry_run:
-        print("\n".join(status_lines(protocol, plan(protocol))))
+        print("\n".join(status_lines(protocol, plan(protocol, training=False))))
         return
 
     def write(runs: list) -> dict:
@@ -90,7 +90,7 @@ def _reproduce(args: argparse.Namespace) -> None:
         return paths
 
     if args.report_only:
-        runs = plan(protocol)
+        runs = plan(protocol, training=False)
         if not protocol.out.is_dir() and not any(run.recorded for run in runs):
             raise IdaaError(f"'{protocol.out}' does not exist: nothing to report yet")
         protocol.out.mkdir(parents=True, exist_ok=True)

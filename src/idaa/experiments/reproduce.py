@@ -116,8 +116,6 @@ def _vae_for(protocol: Protocol, settings: dict[str, Any], name: str) -> tuple[s
     if settings.get("adversary") not in VAE_ADVERSARIES:
         return None, None
     if settings.get("vae"):
-        if not Path(settings["vae"]).is_file():
-            raise IdaaError(f"VAE '{settings['vae']}' (variant '{name}') does not exist")
         return str(settings["vae"]), None
     if protocol.vae is None:
         raise IdaaError(f"variant '{name}' uses adversary '{settings['adversary']}' but names no VAE: pass --vae, "
@@ -136,8 +134,18 @@ def _config(protocol: Protocol, settings: dict[str, Any], seed: int, path: Path,
     return config, job
 
 
-def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None) -> list[Run]:
-    """Every run in training order (dependencies first, seed by seed within a stage), each config validated."""
+def _require_vae(config: dict[str, Any], job: VAEJob | None, name: str) -> None:
+    """A run that will train needs its VAE file now (or the protocol's VAE job that makes it)."""
+    if config.get("vae") and job is None and not Path(config["vae"]).is_file():
+        raise IdaaError(f"VAE '{config['vae']}' (variant '{name}') does not exist")
+
+
+def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None, training: bool = True) -> list[Run]:
+    """Every run in training order (dependencies first, seed by seed within a stage), each config validated.
+
+    With `training`, every run still to train must have its VAE; finished runs and published records need none,
+    and neither do --dry-run and --report-only.
+    """
     resolved = read_resolved(protocol) if resolved is None else resolved
     runs = []
     for stage in stages(protocol):
@@ -148,7 +156,10 @@ def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None) 
                 settings = variant_settings(protocol, variant, resolved)
                 if settings is None:  # validate against every stand-in now; plan it for real once resolved
                     for stand_in in _stand_ins(variant):
-                        _config(protocol, variant_settings(protocol, variant, {name: stand_in}), seed, path, name)
+                        config, job = _config(protocol, variant_settings(protocol, variant, {name: stand_in}), seed,
+                                              path, name)
+                        if training:
+                            _require_vae(config, job, name)
                     runs.append(Run(name, seed, path, None, None, variant.depends_on))
                     continue
                 config, job = _config(protocol, settings, seed, path, name)
@@ -156,6 +167,8 @@ def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None) 
                 if protocol.publish is not None:
                     run.record = protocol.publish / "runs" / run.name
                     run.recorded = _complete_record(protocol, run)
+                if training and not run.recorded and run_status(path, config, "the protocol") != "done":
+                    _require_vae(config, job, name)
                 runs.append(run)
     return runs
 
