@@ -76,8 +76,7 @@ class _Encoded:
             raise _unreadable(self.name, exc) from None
         self.img = _lazy(io.BytesIO(self.data), self.name)
         self.orientation = _orientation(self.img)
-        w, h = self.img.size
-        self.size = (h, w) if self.orientation in _SWAPS_AXES else (w, h)  # as displayed
+        self.size = _displayed(self.img.size, self.orientation)
 
     def pixels(self, factor: float = 1.0) -> np.ndarray:
         """Upright RGB pixels (H x W x 3 uint8, possibly a strided view) at the JPEG scale that `factor` allows."""
@@ -101,10 +100,14 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _displayed(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """A stored (width, height) as displayed after the EXIF orientation."""
+    return (size[1], size[0]) if orientation in _SWAPS_AXES else size
+
+
 def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after the EXIF orientation, from the header of a lazily opened image."""
-    w, h = img.size
-    return (h, w) if _orientation(img) in _SWAPS_AXES else (w, h)
+    return _displayed(img.size, _orientation(img))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

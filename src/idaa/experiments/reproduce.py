@@ -164,23 +164,24 @@ def plan(protocol: Protocol, resolved: dict[str, dict[str, Any]] | None = None, 
                     continue
                 config, job = _config(protocol, settings, seed, path, name)
                 run = Run(name, seed, path, config, job, [])
+                status = run_status(path, config, "the protocol") if training or protocol.publish else None
                 if protocol.publish is not None:
                     run.record = protocol.publish / "runs" / run.name
-                    run.recorded = _complete_record(protocol, run)
-                if training and not run.recorded and run_status(path, config, "the protocol") != "done":
+                    run.recorded = status != "done" and _complete_record(protocol, run)
+                if training and not run.recorded and status != "done":
                     _require_vae(config, job, name)
                 runs.append(run)
     return runs
 
 
 def _complete_record(protocol: Protocol, run: Run) -> bool:
-    """Whether to take the run from its published record: its folder is not finished and the record is.
+    """Whether to take an unfinished run from its published record: whether the record is finished.
 
     A record counts when it has the final epoch and, for a variant the protocol probes, the linear result made
     with the protocol's limit; a record of other settings is refused like a run folder of other settings.
     """
     assert run.config is not None and run.record is not None
-    if run_status(run.path, run.config, "the protocol") == "done" or not (run.record / "metrics.jsonl").is_file():
+    if not (run.record / "metrics.jsonl").is_file():
         return False
     check_same_run(run.record, run.config, "the protocol")
     if not finished(read_metrics(run.record / "metrics.jsonl"), run.config["epochs"]):
