@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from idaa.data import streaming
@@ -151,6 +152,25 @@ def test_crops_resample_as_pillow_does(size: int) -> None:
         assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
         difference = (ours.permute(1, 2, 0).int() - torch.from_numpy(pillow).int()).abs()
         assert difference.float().mean() < 0.1 and difference.max() <= 4  # a box one pixel off: mean 2-3, max 12-15
+
+
+def test_enlarged_crops_take_the_plain_kernel_without_changing_a_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crop enlarged on both axes skips the antialiasing pass; its pixels stay those of the antialiased filter."""
+    pixels = np.asarray(noise(300, 260, seed=5))
+    interpolate, flags = F.interpolate, []
+    def spy(*args, **kwargs):  # records which filter each crop took
+        flags.append(kwargs["antialias"])
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(streaming.F, "interpolate", spy)
+    rng = np.random.default_rng(1)
+    cases = [(40, 40), (223, 224), (224, 224), (100, 201), (7, 150), (150, 250), (260, 100)]
+    for cw, ch in cases:
+        x0, y0 = int(rng.integers(0, 300 - cw)), int(rng.integers(0, 260 - ch))
+        region = torch.from_numpy(pixels[y0:y0 + ch, x0:x0 + cw].copy()).permute(2, 0, 1)[None]
+        reference = interpolate(region, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)[0]
+        assert torch.equal(_resized(pixels, (x0, y0, cw, ch), (300, 260), 224), reference)
+    assert flags == [False] * 5 + [True] * 2  # shrunk on either axis: the antialiased filter
 
 
 def test_center_crop_keeps_the_middle_of_the_shorter_side(tmp_path: Path) -> None:

@@ -194,8 +194,11 @@ def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], si
     region = pixels[top:bottom, left:right]
     if not (region.flags.c_contiguous and region.flags.writeable):
         region = region.copy()  # torch wants writable, contiguous h x w x 3 pixels (its fast uint8 kernel)
+    # Enlarging on both axes, the antialiased filter is plain bilinear (the same pixels, measured: none differ) and
+    # torch's plain kernel takes about half the time; half of all 224 px crops of ~400 x 350 photos are enlarged.
+    shrinks = region.shape[0] > size or region.shape[1] > size
     out = F.interpolate(torch.from_numpy(region).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                        antialias=True, align_corners=False)
+                        antialias=shrinks, align_corners=False)
     return out[0]
 
 
