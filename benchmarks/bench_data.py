@@ -66,25 +66,26 @@ def plain_crop(path: str, size: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
-def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str, float, float, float]]:
+def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str, float, float, float, float]]:
     """Images/s in one process (= per worker: one torch thread, as in a DataLoader worker) for the streaming crop
-    and the plain path, at 224 and 64 px."""
+    (training default: fast decoding; and exact decoding) and the plain path, at 224 and 64 px."""
     rows, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)
     for size in (224, 64):
-        times: dict[str, list[float]] = {"stream": [], "plain": []}
-        for _ in range(rounds):  # interleaved, so both see the same machine load
-            start = time.perf_counter()
-            for i, path in enumerate(files):
-                crop_views(path, i, 0, 0, size, (0.08, 1.0), 1)
-            times["stream"].append(len(files) / (time.perf_counter() - start))
+        times: dict[str, list[float]] = {"stream": [], "exact": [], "plain": []}
+        for _ in range(rounds):  # interleaved, so all see the same machine load
+            for key, fast in (("stream", True), ("exact", False)):
+                start = time.perf_counter()
+                for i, path in enumerate(files):
+                    crop_views(path, i, 0, 0, size, (0.08, 1.0), 1, fast_decode=fast)
+                times[key].append(len(files) / (time.perf_counter() - start))
             rng = np.random.default_rng(0)
             start = time.perf_counter()
             for path in files:
                 plain_crop(path, size, rng)
             times["plain"].append(len(files) / (time.perf_counter() - start))
-        stream, plain = statistics.median(times["stream"]), statistics.median(times["plain"])
-        rows.append((f"{label} -> {size} px", stream, plain, stream / plain))
+        stream, exact, plain = (statistics.median(times[k]) for k in ("stream", "exact", "plain"))
+        rows.append((f"{label} -> {size} px", stream, exact, plain, stream / plain))
     torch.set_num_threads(threads)
     return rows
 
@@ -208,11 +209,11 @@ def main() -> None:
     sample = [f for f in files if int(Path(f).stem) >= 20][:: max(1, len(files) // args.sample)][: args.sample]
     print(f"inputs: {len(files)} JPEGs (q90, ~400x350, {len(big)} of 2000 px) in {folder}; {len(sample)} + "
           f"{len(big)} timed; {os.cpu_count()} cores\n")
-    print("| crop | streaming (libjpeg-turbo, draft scales) img/s per worker | plain Pillow decode + crop img/s "
-          "| ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, stream, plain, ratio in throughput(sample, "~400x350") + throughput(big, "2000 px"):
-        print(f"| {name} | {stream:.0f} | {plain:.0f} | {ratio:.2f}x |")
+    print("| crop | streaming (libjpeg-turbo, draft scales, fast decode) img/s per worker | the same, exact decode "
+          "| plain Pillow decode + crop img/s | ratio (fast / plain) | ratio (exact / plain) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, stream, exact, plain, ratio in throughput(sample, "~400x350") + throughput(big, "2000 px"):
+        print(f"| {name} | {stream:.0f} | {exact:.0f} | {plain:.0f} | {ratio:.2f}x | {exact / plain:.2f}x |")
     wait = data_wait(folder, workers=2, steps=args.steps, batch=args.batch_size)
     print(f"\n| ResNet-18 SimCLR step, 64 px, batch {args.batch_size}, 2 workers | step (s) | waiting for data (s) | "
           "share |\n| --- | ---: | ---: | ---: |")

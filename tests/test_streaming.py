@@ -106,17 +106,29 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
     calls = []
     decode = streaming.simplejpeg.decode_jpeg
     monkeypatch.setattr(streaming.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    fast = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2), center_crop(f, 24))
-            for f in files]
+    fast = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2, fast_decode=False),
+             center_crop(f, 24)) for f in files]
     assert len(calls) == 4 * len(files)  # every one of them decoded by libjpeg-turbo
     _pillow_only(monkeypatch)
     for f, (full, reduced, crops, centre) in zip(files, fast, strict=True):
         upright = np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
         assert np.array_equal(full, upright), f.name
         assert np.array_equal(reduced, read_rgb(f, min_side=20)), f.name
-        assert torch.equal(crops, crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2)), f.name
+        assert torch.equal(crops, crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2, fast_decode=False)), f.name
         assert torch.equal(centre, center_crop(f, 24)), f.name
     assert read_rgb(tmp_path / "big.jpg", min_side=80).shape == (88, 113, 3)  # 700 x 900 decoded at 1/8
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+def test_training_crops_decode_fast_within_a_grey_level(tmp_path: Path) -> None:
+    """Training crops take libjpeg-turbo's fast IDCT and chroma upsampling: other pixels, about one level off."""
+    photo = Image.blend(smooth(420, 360), noise(420, 360).filter(ImageFilter.GaussianBlur(1.5)), 0.4)  # texture
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    fast = crop_views(tmp_path / "photo.jpg", 3, 1, 7, 224, (0.9, 1.0), 2)
+    exact = crop_views(tmp_path / "photo.jpg", 3, 1, 7, 224, (0.9, 1.0), 2, fast_decode=False)
+    assert not torch.equal(fast, exact)  # the fast decoder really ran
+    assert (fast.float() - exact.float()).abs().mean() < 1.5
+    assert torch.equal(fast, crop_views(tmp_path / "photo.jpg", 3, 1, 7, 224, (0.9, 1.0), 2))  # still deterministic
 
 
 @pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
