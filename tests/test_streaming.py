@@ -106,11 +106,11 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
     calls = []
     decode = streaming.simplejpeg.decode_jpeg
     monkeypatch.setattr(streaming.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    fast = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2, fast_decode=False),
-             center_crop(f, 24)) for f in files]
+    turbo = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2, fast_decode=False),
+              center_crop(f, 24)) for f in files]
     assert len(calls) == 4 * len(files)  # every one of them decoded by libjpeg-turbo
     _pillow_only(monkeypatch)
-    for f, (full, reduced, crops, centre) in zip(files, fast, strict=True):
+    for f, (full, reduced, crops, centre) in zip(files, turbo, strict=True):
         upright = np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
         assert np.array_equal(full, upright), f.name
         assert np.array_equal(reduced, read_rgb(f, min_side=20)), f.name
