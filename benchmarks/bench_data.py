@@ -1,6 +1,6 @@
 """Streaming data source: decode+crop throughput, time a training step waits for data, peak RSS, in-memory cost.
 
-Usage: python benchmarks/bench_data.py [--files 10000] [--skip-rss]
+Usage: python benchmarks/bench_data.py [--files 10000] [--skip-rss] [--throughput-only]
 
 Realistic inputs are made once under .cache/bench_data/ (never committed): the CIFAR-10 JPEG archive
 (../shared/data/cifar10-jpg.tar.xz) unpacked, its training images upsampled to random sizes around 400 x 350
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def make_inputs(files: int, big: int = 20) -> Path:
     return folder
 
 
-def plain_crop(path: str, size: int, rng: np.random.Generator) -> torch.Tensor:
+def plain_crop(path: str, size: int, rng: random.Random) -> torch.Tensor:
     """The plain path: full Pillow decode, then the same random-resized crop resized with Pillow."""
     img = Image.open(path).convert("RGB")
     x0, y0, cw, ch = crop_boxes(img.size[0], img.size[1], rng, (0.08, 1.0))
@@ -79,7 +80,7 @@ def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str,
                 for i, path in enumerate(files):
                     crop_views(path, i, 0, 0, size, (0.08, 1.0), 1, fast_decode=fast)
                 times[key].append(len(files) / (time.perf_counter() - start))
-            rng = np.random.default_rng(0)
+            rng = random.Random(0)
             start = time.perf_counter()
             for path in files:
                 plain_crop(path, size, rng)
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps for the data wait")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--throughput-only", action="store_true", help="only the decode + crop table")
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     folder = make_inputs(args.files)
@@ -214,6 +216,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, stream, exact, plain, ratio in throughput(sample, "~400x350") + throughput(big, "2000 px"):
         print(f"| {name} | {stream:.0f} | {exact:.0f} | {plain:.0f} | {ratio:.2f}x | {exact / plain:.2f}x |")
+    if args.throughput_only:
+        return
     wait = data_wait(folder, workers=2, steps=args.steps, batch=args.batch_size)
     print(f"\n| ResNet-18 SimCLR step, 64 px, batch {args.batch_size}, 2 workers | step (s) | waiting for data (s) | "
           "share |\n| --- | ---: | ---: | ---: |")

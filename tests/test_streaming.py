@@ -120,6 +120,30 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+def test_plain_jpegs_skip_pillows_header_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RGB/grey JPEGs without EXIF are sized by libjpeg-turbo; EXIF, CMYK, PNG and broken files still open in Pillow."""
+    noise(61, 40).save(tmp_path / "plain.jpg")
+    noise(30, 50).convert("L").save(tmp_path / "grey.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 1  # present, even if it changes nothing: Pillow reads it
+    noise(61, 40).save(tmp_path / "exif.jpg", exif=exif)
+    noise(20, 10).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    noise(20, 10).save(tmp_path / "image.png")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:30])  # header cut short
+    opened, lazy = [], streaming._lazy
+    monkeypatch.setattr(streaming, "_lazy", lambda source, name: opened.append(Path(name).name) or lazy(source, name))
+    files = ("plain.jpg", "grey.jpg", "exif.jpg", "cmyk.jpg", "image.png")
+    sizes = {f: streaming._Encoded(tmp_path / f).size for f in files}
+    assert opened == ["exif.jpg", "cmyk.jpg", "image.png"]
+    assert sizes == {f: Image.open(tmp_path / f).size for f in sizes}
+    with pytest.raises(DataError, match="cut.jpg"):
+        crop_views(tmp_path / "cut.jpg", 0, 0, 0, 8, (0.5, 1.0), 1)
+    crops = crop_views(tmp_path / "plain.jpg", 0, 0, 0, 8, (0.5, 1.0), 2, fast_decode=False)
+    _pillow_only(monkeypatch)  # the same crops when Pillow reads the header
+    assert torch.equal(crops, crop_views(tmp_path / "plain.jpg", 0, 0, 0, 8, (0.5, 1.0), 2, fast_decode=False))
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
 def test_training_crops_decode_fast_within_a_grey_level(tmp_path: Path) -> None:
     """Training crops take libjpeg-turbo's fast IDCT and chroma upsampling: other pixels, about one level off."""
     photo = Image.blend(smooth(420, 360), noise(420, 360).filter(ImageFilter.GaussianBlur(1.5)), 0.4)  # texture
