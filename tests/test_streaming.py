@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from idaa.data import streaming
+from idaa.data import sources, streaming
 from idaa.data.datasets import ImageDataset
 from idaa.data.feeds import StreamFeed, make_feed
 from idaa.data.formats import DataError
@@ -233,10 +233,13 @@ def test_source_choice_listing_cache_and_stats(tmp_path: Path, monkeypatch: pyte
     test = open_dataset("folder", root, "test", options=StreamOptions(workers=0), like=train)
     assert isinstance(train, StreamingDataset) and (train.image_size, test.image_size) == (24, 24)
     assert test.mean == train.mean and 0.3 < train.mean[0] < 0.7 and train.classes == ["cat", "dog"]
-    assert (root / ".idaa-listing-train.json").is_file()
+    assert (root / ".idaa-listing-train.json").is_file() and (root / ".idaa-stats-train.json").is_file()
     monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("header re-read")))
+    read_json, parsed = sources._read_json, []
+    monkeypatch.setattr(sources, "_read_json", lambda path: parsed.append(path.name) or read_json(path))
     again = open_dataset("folder", root, options=StreamOptions(image_size=24, workers=0))  # headers + stats cached
     assert again.mean == train.mean and again.files == train.files
+    assert parsed.count(".idaa-listing-train.json") == 1  # a big listing is parsed once, not again for the stats
     monkeypatch.undo()
     images = train.images
     assert images.shape == (12, 3, 24, 24) and len(images[[0, 5]]) == 2

@@ -274,7 +274,7 @@ def _describe(root: Path, split: str, files: list[str], labels: list[int],
         kept.append(i)
         sizes.append(entry[2:])
     if entries != cached:
-        _write_json(cache_path, {**_read_json(cache_path), "version": LISTING_VERSION, "files": entries})
+        _write_json(cache_path, {"files": entries})
     if bad:
         warn(f"skipped {len(bad)} unreadable file(s) in '{root}', e.g. '{bad[0]}'")
     if not kept:
@@ -299,8 +299,12 @@ def _should_stream(options: StreamOptions, sizes: np.ndarray) -> bool:
 
 
 def _stats(root: Path, files: list[str], digest: str, options: StreamOptions) -> tuple[tuple, tuple]:
-    """Per-channel mean/std of centre crops of a seeded sample of the listing, cached beside the listing."""
-    cache_path = root / ".idaa-listing-train.json"
+    """Per-channel mean/std of centre crops of a seeded sample of the listing, cached beside the listing.
+
+    A file of its own: the listing of a 100k-image folder is ~100 MB of Python objects once parsed, and re-reading it
+    here would grow the main process (and every worker forked from it) by as much.
+    """
+    cache_path = root / ".idaa-stats-train.json"
     saved = _read_json(cache_path).get("stats", {})
     if saved.get("digest") == digest:
         return tuple(saved["mean"]), tuple(saved["std"])
@@ -318,7 +322,7 @@ def _stats(root: Path, files: list[str], digest: str, options: StreamOptions) ->
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
     stats = {"digest": digest, "mean": mean.tolist(), "std": std.tolist()}
-    _write_json(cache_path, {**_read_json(cache_path), "stats": stats})
+    _write_json(cache_path, {"stats": stats})
     return tuple(stats["mean"]), tuple(stats["std"])
 
 
