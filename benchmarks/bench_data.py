@@ -67,7 +67,7 @@ def plain_crop(path: str, size: int, rng: random.Random) -> torch.Tensor:
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
-def throughput(files: list[str], label: str, rounds: int = 3) -> list[tuple[str, float, float, float, float]]:
+def throughput(files: list[str], label: str, rounds: int = 5) -> list[tuple[str, float, float, float, float]]:
     """Images/s in one process (= per worker: one torch thread, as in a DataLoader worker) for the streaming crop
     (training default: fast decoding; and exact decoding) and the plain path, at 224 and 64 px."""
     rows, threads = [], torch.get_num_threads()
@@ -124,21 +124,26 @@ def data_wait(folder: Path, workers: int, steps: int, batch: int) -> dict[str, f
 
 
 def peak_rss(folder: Path, out: Path) -> dict[str, float]:
-    """Peak RSS (MB) of `idaa pretrain --max-steps 20` on the folder: main process, and its process tree summed."""
+    """Peak memory (MB) of `idaa pretrain --max-steps 20` on the folder, listing cold (its caches removed first): the
+    main process's RSS, and the process tree's RSS and PSS summed (RSS counts pages the forked workers share with
+    the main process once per process; PSS splits them, so its sum is the memory the run really holds)."""
+    for cache in (*folder.glob(".idaa-listing-*.json"), *folder.glob(".idaa-stats-*.json")):
+        cache.unlink()
     command = [sys.executable, "-m", "idaa", "pretrain", "--dataset", "folder", "--data-dir", str(folder),
                "--stream", "--image-size", "64", "--max-steps", "20", "--batch-size", "32", "--width", "8",
                "--knn-every", "0", "--workers", "2", "--epochs", "1", "--out", str(out), "--overwrite",
                "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    main_peak = tree_peak = 0
+    main_peak = tree_peak = pss_peak = 0
     while proc.poll() is None:
         pids = [proc.pid] + _children(proc.pid)
-        rss = [_rss_kb(p) for p in pids]
-        main_peak, tree_peak = max(main_peak, rss[0]), max(tree_peak, sum(rss))
+        rss = [_status_kb(p, "status", "VmRSS:") for p in pids]
+        pss = sum(_status_kb(p, "smaps_rollup", "Pss:") for p in pids)
+        main_peak, tree_peak, pss_peak = max(main_peak, rss[0]), max(tree_peak, sum(rss)), max(pss_peak, pss)
         time.sleep(0.1)
     if proc.returncode:
         raise SystemExit(f"pretrain on {folder} failed with exit code {proc.returncode}")
-    return {"main_mb": main_peak / 1024, "tree_mb": tree_peak / 1024}
+    return {"main_mb": main_peak / 1024, "tree_mb": tree_peak / 1024, "pss_mb": pss_peak / 1024}
 
 
 def _children(pid: int) -> list[int]:
@@ -149,10 +154,11 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
-def _rss_kb(pid: int) -> int:
+def _status_kb(pid: int, name: str, field: str) -> int:
+    """A kB field of /proc/PID/status or /proc/PID/smaps_rollup (0 once the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -198,7 +204,7 @@ def in_memory_cost(batches: int = 20, batch: int = 256, rounds: int = 7) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10000)
-    parser.add_argument("--sample", type=int, default=300, help="files timed for decode throughput")
+    parser.add_argument("--sample", type=int, default=1000, help="files timed for decode throughput")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps for the data wait")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip-rss", action="store_true")
@@ -232,12 +238,12 @@ def main() -> None:
     for target in (folder, hard_linked(folder, 10)):
         n = sum(1 for _ in target.rglob("*.jpg"))
         rows.append((n, peak_rss(target, CACHE / "rss-run")))
-    print("\n| `idaa pretrain --max-steps 20` (streamed, 64 px, 2 workers) | peak RSS main (MB) | "
-          "peak RSS process tree (MB) |\n| --- | ---: | ---: |")
+    print("\n| `idaa pretrain --max-steps 20` (streamed, 64 px, 2 workers, cold listing) | peak RSS main (MB) | "
+          "peak RSS process tree (MB) | peak PSS process tree (MB) |\n| --- | ---: | ---: | ---: |")
     for n, rss in rows:
-        print(f"| {n} files | {rss['main_mb']:.0f} | {rss['tree_mb']:.0f} |")
+        print(f"| {n} files | {rss['main_mb']:.0f} | {rss['tree_mb']:.0f} | {rss['pss_mb']:.0f} |")
     print(f"| difference | {rows[1][1]['main_mb'] - rows[0][1]['main_mb']:.0f} | "
-          f"{rows[1][1]['tree_mb'] - rows[0][1]['tree_mb']:.0f} |")
+          f"{rows[1][1]['tree_mb'] - rows[0][1]['tree_mb']:.0f} | {rows[1][1]['pss_mb'] - rows[0][1]['pss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
