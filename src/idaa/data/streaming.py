@@ -5,7 +5,7 @@ randomness derived from (seed, epoch, index, view) alone, so 0, 1 or N workers, 
 see the same crops. JPEGs are decoded at the smallest scale (1/2, 1/4, 1/8, as Pillow's draft) that still gives
 every crop at least its output resolution; RGB and greyscale JPEGs go straight from libjpeg-turbo to a numpy
 array (simplejpeg: Pillow's pixels, without its per-image overhead), everything else through Pillow. Training
-crops use libjpeg-turbo's fast IDCT and chroma upsampling (about a grey level off, ~8% more crops/s measured);
+crops use libjpeg-turbo's fast IDCT and chroma upsampling (about a grey level off, 0-8% more crops/s measured);
 evaluation crops and `read_rgb` are exact. The colour part of the views stays on the device (`views.py`).
 """
 
@@ -94,8 +94,8 @@ class _Encoded:
     def pixels(self, factor: float = 1.0, fast: bool = False) -> np.ndarray:
         """Upright RGB pixels (H x W x 3 uint8, possibly a strided view) at the JPEG scale that `factor` allows.
 
-        `fast`: libjpeg-turbo's fast integer IDCT and chroma upsampling by replication (RGB/grey JPEGs only), about
-        ~8% more 224 px crops/s (benchmarks/bench_data.py) at about 1 grey level from the exact pixels; training only.
+        `fast`: libjpeg-turbo's fast integer IDCT and chroma upsampling by replication (RGB/grey JPEGs only), up to
+        8% more 224 px crops/s (benchmarks/bench_data.py, machine-dependent) at about 1 grey level off; training only.
         """
         request = _request(self.stored, factor)
         jpeg = self._img is None or (self._img.format == "JPEG" and self._img.mode in ("RGB", "L"))
@@ -260,7 +260,7 @@ def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, s
 
     `image` is a decoded PIL image or a file (path or file object); a file is read once and decoded once, at the
     smallest JPEG scale at which every crop still has >= size pixels on each side. `fast_decode` (training crops'
-    default) trades about one grey level of JPEG decoding accuracy for ~8% more crops/s (`_Encoded.pixels`).
+    default) trades about one grey level of JPEG decoding accuracy for 0-8% more crops/s (`_Encoded.pixels`).
     """
     if isinstance(image, Image.Image):
         encoded, pixels = None, np.asarray(_to_rgb(image))
