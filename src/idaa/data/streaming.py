@@ -80,8 +80,9 @@ class _Encoded:
         self._img: Image.Image | None = None
         if stored is None:  # anything but an RGB/grey JPEG without EXIF: Pillow reads the header, orientation too
             self.stored, self.orientation = self.img.size, _orientation(self.img)
+            self.turbo = simplejpeg is not None and self.img.format == "JPEG" and self.img.mode in ("RGB", "L")
         else:
-            self.stored, self.orientation = stored, 1
+            self.stored, self.orientation, self.turbo = stored, 1, True
         self.size = _displayed(self.stored, self.orientation)
 
     @property
@@ -98,8 +99,7 @@ class _Encoded:
         8% more 224 px crops/s (benchmarks/bench_data.py, machine-dependent) at about 1 grey level off; training only.
         """
         request = _request(self.stored, factor)
-        jpeg = self._img is None or (self._img.format == "JPEG" and self._img.mode in ("RGB", "L"))
-        if simplejpeg is not None and jpeg:
+        if self.turbo:  # libjpeg-turbo decodes it
             w, h = self.stored
             k = _reduction(self.stored, request)
             try:  # strict: whatever libjpeg only warns about goes to Pillow, which decides as it always has
