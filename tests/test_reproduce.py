@@ -250,7 +250,7 @@ def test_shipped_protocols_plan_every_run(tmp_path, capsys):
     code, printed, err = run(["reproduce", str(ROOT / "configs/reproduce/cpu-protocol-cifar10.yaml"), "--vae", str(vae),
                               "--out", str(tmp_path / "cpu"), "--dry-run"], capsys)
     assert code == 0, err
-    assert "27 runs" in printed and printed.count("waits for") == 9 and "idaa-frac0.25-s2: new" in printed
+    assert "30 runs" in printed and printed.count("waits for") == 12 and "idaa-frac0.25-s2: new" in printed
     code, printed, err = run(["reproduce", str(ROOT / "configs/reproduce/cpu-protocol-cifar10-equal-time.yaml"),
                               "--vae", str(vae), "--out", str(tmp_path / "eq"), "--dry-run"], capsys)
     assert code == 0 and "6 runs" in printed and printed.count("waits for") == 2, err

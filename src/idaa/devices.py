@@ -52,3 +52,19 @@ def tune_cpu_allocator() -> bool:
     _allocator_tuned = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, limit)
                             and mallopt(_M_TOP_PAD, 64 * 2**20))
     return _allocator_tuned
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages of glibc's heap back to the kernel (malloc_trim), e.g. before forking worker processes.
+
+    With `tune_cpu_allocator` the heap keeps whatever was freed, such as the ~2 KB per file a cold listing of a
+    folder leaves behind; forked workers would inherit those pages and, as they reuse them, copy them (a 100k-file
+    folder: ~200 MB more across the run). Linux/glibc only; returns whether anything was released.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(trim(0))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from idaa.data.formats import IMAGE_EXTENSIONS, DataError, channel_stats
 from idaa.data.layouts import Listing, has_test_split, layout_name, read_layout
 from idaa.data.streaming import center_crop, crop_views
+from idaa.devices import release_free_memory
 
 __all__ = ["INDEX", "ShardSource", "is_shard_folder", "pack_shards"]
 
@@ -220,6 +221,8 @@ class ShardBatches:
     worker count; a batch before the resume point arrives as None (never decoded) and is dropped here."""
 
     def __init__(self, stream: torch.utils.data.IterableDataset, workers: int, length: int | None) -> None:
+        if workers > 0:
+            release_free_memory()  # the forked workers would inherit the heap's free pages (see image_loader)
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                   generator=torch.Generator())
         self.length = length

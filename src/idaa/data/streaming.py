@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from idaa.data.formats import DataError
+from idaa.devices import release_free_memory
 
 try:  # a core dependency; without its wheel (an unusual platform) every file goes through Pillow
     import simplejpeg
@@ -291,8 +292,11 @@ def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, 
     """A DataLoader for `dataset` over a batch sampler; pinned memory on CUDA, persistent prefetching workers.
 
     It has its own generator, so creating an iterator never draws from the global torch RNG (bit-exact resume).
+    With workers, the heap's free pages go back to the kernel first, so the forked workers do not inherit them.
     """
     extra = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
+    if workers > 0:
+        release_free_memory()
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        pin_memory=device.type == "cuda", generator=torch.Generator(), **extra)
 
