@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -41,30 +42,33 @@ def tune_cpu_allocator() -> bool:
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if os.environ.get("IDAA_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+    libc = _glibc()
+    if os.environ.get("IDAA_MALLOC_TUNING", "1") == "0" or libc is None:
         return False
     limit = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB free at the top of the heap
-    _allocator_tuned = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, limit)
-                            and mallopt(_M_TOP_PAD, 64 * 2**20))
+    _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, limit)
+                            and libc.mallopt(_M_TOP_PAD, 64 * 2**20))
     return _allocator_tuned
 
 
 def release_free_memory() -> bool:
     """Hand the free pages of glibc's heap back to the kernel (malloc_trim), e.g. before forking worker processes.
 
-    With `tune_cpu_allocator` the heap keeps whatever was freed, such as the ~2 KB per file a cold listing of a
-    folder leaves behind; forked workers would inherit those pages and, as they reuse them, copy them (a 100k-file
-    folder: ~200 MB more across the run). Linux/glibc only; returns whether anything was released.
+    glibc gives back only the top of its heap (with `tune_cpu_allocator`, not even that), so the ~2 KB per file a
+    cold listing of a folder frees stays resident; forked workers would inherit those pages and, as they reuse them,
+    copy them (a 100k-file folder: ~200 MB more across the run). Linux/glibc only; returns whether any was released.
     """
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt and malloc_trim), else None (macOS, Windows, musl...)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(trim(0))
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
