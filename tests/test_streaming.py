@@ -1,6 +1,7 @@
 """Streaming image source: decoding (modes, EXIF, draft), seeded crops, worker-independent batches, DDP shares."""
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -173,6 +174,73 @@ def test_what_libjpeg_only_warns_about_is_decided_by_pillow(tmp_path: Path, monk
         assert np.array_equal(read_rgb(tmp_path / "junk.jpg"), junk)
         with pytest.raises(DataError, match="cut.jpg"):
             crop_views(tmp_path / "cut.jpg", 0, 0, 0, 16, (0.08, 1.0), 1)
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    return Image.blend(smooth(w, h), noise(w, h).filter(ImageFilter.GaussianBlur(1.5)), 0.4)
+
+
+def _cropped(path: Path) -> list[torch.Tensor]:
+    """Training crops (fast and exact decoding, 2 views, at a scale that draft reduces and one it does not) and
+    evaluation crops of one file."""
+    crops = [crop_views(path, i, 1, 5, size, (0.08, 1.0), 2, fast_decode=fast)
+             for i in range(10) for size in (224, 40) for fast in (True, False)]
+    return crops + [center_crop(path, size) for size in (224, 40)]
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.parametrize("kind", ["4:2:0", "4:2:2", "4:4:4", "restarts", "grey", "exif", "exif-rotated"])
+def test_decoding_stops_below_the_crops_without_changing_a_pixel(
+        kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline JPEG is decoded only down to its lowest crop: every crop is the whole decode's, to the pixel."""
+    options: dict = {"4:2:0": {"subsampling": 2}, "4:2:2": {"subsampling": 1}, "4:4:4": {"subsampling": 0},
+                     "restarts": {"restart_marker_rows": 1}}.get(kind, {})
+    if kind.startswith("exif"):
+        exif = Image.Exif()
+        exif[0x0112] = 6 if kind == "exif-rotated" else 1
+        options["exif"] = exif
+    stopped: list[tuple[int, int]] = []
+    top_rows = streaming._Encoded._top_rows
+
+    def spy(self, k, fast, rows):
+        out = top_rows(self, k, fast, rows)
+        if out is not None:
+            stopped.append((out.shape[0], math.ceil(self.stored[1] / k)))
+        return out
+
+    monkeypatch.setattr(streaming._Encoded, "_top_rows", spy)
+    photo = _photo(613, 517)
+    files = []
+    for name, img in (("photo.jpg", photo), ("large.jpg", photo.resize((1900, 1500)))):
+        (img.convert("L") if kind == "grey" else img).save(tmp_path / name, quality=90, **options)
+        files.append(tmp_path / name)
+    early = [crop for f in files for crop in _cropped(f)]
+    if kind == "exif-rotated":
+        assert not stopped  # rows of the stored image are not the displayed image's: decoded whole
+    else:
+        assert stopped and all(rows < whole for rows, whole in stopped)  # it did stop early...
+        assert sum(rows for rows, _ in stopped) < 0.95 * sum(whole for _, whole in stopped)
+    monkeypatch.setattr(streaming._Encoded, "_top_rows", lambda self, k, fast, rows: None)
+    whole = [crop for f in files for crop in _cropped(f)]
+    assert all(torch.equal(a, b) for a, b in zip(early, whole, strict=True))  # ...and changed nothing
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+def test_decoding_early_leaves_progressive_and_damaged_files_to_the_whole_decode(tmp_path: Path) -> None:
+    """Only a one-scan baseline JPEG stops early; a cut file or one libjpeg warns about goes to the whole decode."""
+    buffer = io.BytesIO()
+    _photo(300, 260).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    _photo(300, 260).save(tmp_path / "progressive.jpg", quality=90, progressive=True)
+    assert streaming._Encoded(tmp_path / "progressive.jpg")._frame is None
+    assert streaming._Encoded(io.BytesIO(data))._top_rows(1, False, 20).shape == (48, 300, 3)  # 2 MCU rows
+    sos = data.index(b"\xff\xda")
+    damaged = {"cut.jpg": data[: len(data) * 3 // 4], "junk.jpg": data[:sos] + b"\x00\x00" + data[sos:]}
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        assert streaming._Encoded(tmp_path / name)._top_rows(1, False, 20) is None
+    with pytest.raises(DataError, match="cut.jpg"):  # its top rows are intact, yet it names the file
+        center_crop(tmp_path / "cut.jpg", 32)
 
 
 @pytest.mark.parametrize("size", [224, 64])

@@ -3,8 +3,9 @@
 A sample's random-resized crops are drawn from the full-resolution image (EXIF orientation applied) with
 randomness derived from (seed, epoch, index, view) alone, so 0, 1 or N workers, and a run resumed mid-epoch,
 see the same crops. JPEGs are decoded at the smallest scale (1/2, 1/4, 1/8, as Pillow's draft) that still gives
-every crop at least its output resolution; RGB and greyscale JPEGs go straight from libjpeg-turbo to a numpy
-array (simplejpeg: Pillow's pixels, without its per-image overhead), everything else through Pillow. Training
+every crop at least its output resolution, and a baseline JPEG only down to the lowest crop's bottom row; RGB and
+greyscale JPEGs go straight from libjpeg-turbo to a numpy array (simplejpeg: Pillow's pixels, without its
+per-image overhead), everything else through Pillow. Training
 crops use libjpeg-turbo's fast IDCT and chroma upsampling (about a grey level off, 0-8% more crops/s measured);
 evaluation crops and `read_rgb` are exact. The colour part of the views stays on the device (`views.py`).
 """
@@ -15,6 +16,7 @@ import io
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +46,8 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: np.rot90(a, 1)}
 Source = str | Path | BinaryIO
+_SKIPPED_SCAN = re.compile(r"extraneous bytes before marker 0xd[0-79]\b")  # libjpeg's JWRN_EXTRANEOUS_DATA
+_MARGIN = 16  # rows asked beyond a box: at a JPEG scale of 1/k its reduced pixels reach up to 2k rows lower
 
 
 def default_workers() -> int:
@@ -74,10 +78,14 @@ class _Encoded:
     def __init__(self, source: Source) -> None:
         self.name = _name(source)
         try:
-            self.data = Path(source).read_bytes() if isinstance(source, str | Path) else source.read()
+            if isinstance(source, str | Path):
+                with open(source, "rb", buffering=0) as file:  # unbuffered: one read, no pathlib parsing
+                    self.data = file.readall()
+            else:
+                self.data = source.read()
         except OSError as exc:
             raise _unreadable(self.name, exc) from None
-        stored = _plain_jpeg_size(self.data)
+        stored, self._frame = _plain_jpeg_size(self.data)
         self._img: Image.Image | None = None
         if stored is None:  # anything but an RGB/grey JPEG without EXIF: Pillow reads the header, orientation too
             self.stored, self.orientation = self.img.size, _orientation(self.img)
@@ -93,51 +101,98 @@ class _Encoded:
             self._img = _lazy(io.BytesIO(self.data), self.name)
         return self._img
 
-    def pixels(self, factor: float = 1.0, fast: bool = False) -> np.ndarray:
-        """Upright RGB pixels (H x W x 3 uint8, possibly a strided view) at the JPEG scale that `factor` allows.
+    def pixels(self, factor: float = 1.0, fast: bool = False, rows: int | None = None) -> tuple[np.ndarray, int]:
+        """Upright RGB pixels (H x W x 3 uint8, possibly a strided view) at the JPEG scale that `factor` allows, and
+        the height the whole image has at that scale.
 
         `fast`: libjpeg-turbo's fast integer IDCT and chroma upsampling by replication (RGB/grey JPEGs only), up to
         8% more 224 px crops/s (benchmarks/bench_data.py, machine-dependent) at about 1 grey level off; training only.
+        `rows`: only the top `rows` rows (full resolution) are wanted, so a baseline JPEG may stop decoding below
+        them (`_top_rows`); the pixels then hold at least those rows, the same as a whole decode gives.
         """
         request = _request(self.stored, factor)
         if self.turbo:  # libjpeg-turbo decodes it
             w, h = self.stored
             k = _reduction(self.stored, request)
+            height = math.ceil(h / k)
+            array = self._top_rows(k, fast, rows) if rows is not None and self.orientation == 1 else None
+            if array is not None:
+                return array, height
             try:  # strict: whatever libjpeg only warns about goes to Pillow, which decides as it always has
                 array = simplejpeg.decode_jpeg(self.data, colorspace="RGB", fastdct=fast, fastupsample=fast,
                                                min_width=math.ceil(w / k) if k > 1 else 0,
-                                               min_height=math.ceil(h / k) if k > 1 else 0)
-                return _UPRIGHT.get(self.orientation, lambda a: a)(array)
+                                               min_height=height if k > 1 else 0)
+                array = _UPRIGHT.get(self.orientation, lambda a: a)(array)
+                return array, array.shape[0]
             except ValueError:
                 pass
-        return np.asarray(_decode(self.img, self.name, request))
+        array = np.asarray(_decode(self.img, self.name, request))
+        return array, array.shape[0]
+
+    def _top_rows(self, k: int, fast: bool, rows: int) -> np.ndarray | None:
+        """Decode a baseline JPEG only down to `rows` (plus one MCU row, so chroma upsampling sees what it sees in a
+        whole decode), by lowering the frame height its header declares; None when that does not apply or saves
+        nothing, or when libjpeg finds anything amiss in the rows it decodes (the whole decode then decides).
+
+        libjpeg stops after the declared rows and then skips the rest of the scan to the next marker with a warning
+        ("extraneous bytes before marker 0xd9"), which strict decoding raises after the pixels are in the buffer. A
+        file cut short warns "premature end of JPEG file" instead and goes to the whole decode, which names it.
+        """
+        if self._frame is None:
+            return None
+        offset, mcu = self._frame
+        w, h = self.stored
+        keep = min(h, (math.ceil(rows / mcu) + 1) * mcu)
+        if keep >= h:
+            return None
+        data = b"".join((self.data[:offset], keep.to_bytes(2, "big"), self.data[offset + 2:]))
+        out = np.empty((math.ceil(keep / k), math.ceil(w / k), 3), np.uint8)
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast, fastupsample=fast, buffer=out,
+                                   min_width=out.shape[1] if k > 1 else 0, min_height=out.shape[0] if k > 1 else 0)
+        except ValueError as exc:  # the skipped rest of the scan ends at a restart or the end marker: D0-D7, D9
+            if not _SKIPPED_SCAN.search(str(exc)):
+                return None
+        return out
 
 
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _plain_jpeg_size(data: bytes) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """(width, height) of an RGB or greyscale JPEG without EXIF, by libjpeg-turbo's header parse (~15x faster than
-    Pillow's); None for every other file, whose header Pillow reads (CMYK, EXIF orientation, bomb check, errors)."""
-    if simplejpeg is None or data[:2] != b"\xff\xd8" or _may_have_exif(data):
-        return None
+    Pillow's), else None: every other file's header Pillow reads (CMYK, EXIF orientation, bomb check, errors).
+    Second, for any baseline JPEG whose first scan holds every component, (offset of the frame's height field, rows
+    per MCU), which lets `_Encoded._top_rows` stop decoding early; else None."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None, None
+    exif, frame = _header_segments(data)
+    if exif:
+        return None, frame
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return None
+        return None, None
     if colorspace not in ("Gray", "RGB", "YCbCr") or width * height > (Image.MAX_IMAGE_PIXELS or 2**62):
-        return None
-    return width, height
+        return None, None
+    return (width, height), frame
 
 
-def _may_have_exif(data: bytes) -> bool:
-    """Whether a JPEG's header segments, walked up to the first scan, hold an EXIF block (or are not plain)."""
-    pos = 2
+def _header_segments(data: bytes) -> tuple[bool, tuple[int, int] | None]:
+    """Walk a JPEG's header segments up to its first scan: whether they hold an EXIF block (or are not plain), and
+    for a baseline frame scanned in one pass (offset of its height field, rows per MCU)."""
+    pos, frame, exif = 2, None, False
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xDA:  # start of scan: the header segments are over
-            return False
+            components = data[pos + 4] if pos + 4 < len(data) else 0
+            return exif, (frame[0], frame[1]) if frame is not None and components == frame[2] else None
         if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
-            return True
+            exif = True
+        if marker in (0xC0, 0xC1) and pos + 10 < len(data):  # baseline / extended sequential, Huffman coded
+            count = data[pos + 9]  # then per component: id, sampling factors (horizontal << 4 | vertical), table
+            sampling = data[pos + 11:pos + 10 + 3 * count:3]
+            if len(sampling) == count and int.from_bytes(data[pos + 5:pos + 7], "big"):  # 0: height in a DNL
+                frame = (pos + 5, 8 * max(1, *(v & 0x0F for v in sampling)), count)
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return True  # an unusual layout: let Pillow read it
+    return True, None  # an unusual layout: let Pillow read it
 
 
 def _orientation(img: Image.Image) -> int:
@@ -200,7 +255,7 @@ def read_rgb(source: Source, min_side: int | None = None) -> np.ndarray:
     With `min_side`, a JPEG is decoded at the smallest scale whose shorter side is still >= min_side.
     """
     encoded = _Encoded(source)
-    return np.ascontiguousarray(encoded.pixels(1.0 if min_side is None else min_side / max(1, min(encoded.size))))
+    return np.ascontiguousarray(encoded.pixels(1.0 if min_side is None else min_side / max(1, min(encoded.size)))[0])
 
 
 def open_rgb(source: Source, min_side: int | None = None) -> Image.Image:
@@ -232,18 +287,20 @@ def _crop_rng(seed: int, epoch: int, index: int, view: int) -> random.Random:
     return random.Random((((seed % 2**64) << 64 | epoch % 2**64) << 64 | index % 2**64) << 16 | view % 2**16)
 
 
-def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], size: int) -> torch.Tensor:
-    """The box (full-resolution coordinates) of possibly reduced pixels (H x W x 3), resized to 3 x size x size uint8.
+def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], size: int,
+             height: int | None = None) -> torch.Tensor:
+    """The box (full-resolution coordinates) of possibly reduced pixels (H x W x 3), resized to 3 x size x size uint8;
+    `height`: the whole reduced image's, when `pixels` are only its top rows.
 
     Antialiased bilinear, Pillow's filter (the same pixels up to rounding: < 0.1 grey level apart on average), by
     torch's uint8 kernel in about a third of Pillow's time; the box is rounded out to whole decoded pixels.
     """
-    height, width = pixels.shape[:2]
-    fx, fy = width / full[0], height / full[1]
+    width, rows = pixels.shape[1], pixels.shape[0]
+    fx, fy = width / full[0], (height or rows) / full[1]
     x0, y0, cw, ch = box
-    left, top = min(int(x0 * fx), width - 1), min(int(y0 * fy), height - 1)
+    left, top = min(int(x0 * fx), width - 1), min(int(y0 * fy), rows - 1)
     right = min(width, max(left + 1, math.ceil((x0 + cw) * fx - 1e-6)))
-    bottom = min(height, max(top + 1, math.ceil((y0 + ch) * fy - 1e-6)))
+    bottom = min(rows, max(top + 1, math.ceil((y0 + ch) * fy - 1e-6)))
     region = pixels[top:bottom, left:right]
     if not (region.flags.c_contiguous and region.flags.writeable):
         region = region.copy()  # torch wants writable, contiguous h x w x 3 pixels (its fast uint8 kernel)
@@ -270,21 +327,26 @@ def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, s
         encoded = _Encoded(image)
         full = encoded.size
     boxes = [crop_boxes(full[0], full[1], _crop_rng(seed, epoch, index, view), scale) for view in range(views)]
+    height = None
     if encoded is not None:
-        pixels = encoded.pixels(size / max(1, min(min(b[2], b[3]) for b in boxes)), fast=fast_decode)
-    return torch.stack([_resized(pixels, box, full, size) for box in boxes])
+        pixels, height = encoded.pixels(size / max(1, min(min(b[2], b[3]) for b in boxes)), fast=fast_decode,
+                                        rows=max(b[1] + b[3] for b in boxes) + _MARGIN)
+    crops = [_resized(pixels, box, full, size, height) for box in boxes]
+    return crops[0][None] if views == 1 else torch.stack(crops)  # one view: no copy (the batch collates it)
 
 
 def center_crop(image: Image.Image | Source, size: int) -> torch.Tensor:
     """Evaluation transform: shorter side resized to `size`, centre size x size crop (3 x size x size uint8)."""
     if isinstance(image, Image.Image):
         pixels = np.asarray(_to_rgb(image))
+        height = pixels.shape[0]
     else:
         encoded = _Encoded(image)
-        pixels = encoded.pixels(size / max(1, min(encoded.size)))
-    h, w = pixels.shape[:2]
+        w, h = encoded.size
+        pixels, height = encoded.pixels(size / max(1, min(w, h)), rows=(h + min(w, h)) // 2 + _MARGIN)
+    w, h = pixels.shape[1], height  # the (reduced) image's size; the square is taken in its pixels
     side = min(w, h)
-    return _resized(pixels, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size).contiguous()
+    return _resized(pixels, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size, h).contiguous()
 
 
 def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, device: torch.device,
