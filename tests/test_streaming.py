@@ -122,7 +122,7 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
 def test_plain_jpegs_skip_pillows_header_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """RGB/grey JPEGs without EXIF are sized by libjpeg-turbo; EXIF, CMYK, PNG and broken files still open in Pillow."""
+    """RGB/grey JPEGs, with or without EXIF, are sized by libjpeg-turbo; CMYK, PNG and broken files open in Pillow."""
     noise(61, 40).save(tmp_path / "plain.jpg")
     noise(30, 50).convert("L").save(tmp_path / "grey.jpg")
     exif = Image.Exif()
@@ -135,13 +135,65 @@ def test_plain_jpegs_skip_pillows_header_parse(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(streaming, "_lazy", lambda source, name: opened.append(Path(name).name) or lazy(source, name))
     files = ("plain.jpg", "grey.jpg", "exif.jpg", "cmyk.jpg", "image.png")
     sizes = {f: streaming._Encoded(tmp_path / f).size for f in files}
-    assert opened == ["exif.jpg", "cmyk.jpg", "image.png"]
+    assert opened == ["cmyk.jpg", "image.png"]
     assert sizes == {f: Image.open(tmp_path / f).size for f in sizes}
     with pytest.raises(DataError, match="cut.jpg"):
         crop_views(tmp_path / "cut.jpg", 0, 0, 0, 8, (0.5, 1.0), 1)
     crops = crop_views(tmp_path / "plain.jpg", 0, 0, 0, 8, (0.5, 1.0), 2, fast_decode=False)
     _pillow_only(monkeypatch)  # the same crops when Pillow reads the header
     assert torch.equal(crops, crop_views(tmp_path / "plain.jpg", 0, 0, 0, 8, (0.5, 1.0), 2, fast_decode=False))
+
+
+def _with_app1(jpeg: bytes, *payloads: bytes) -> bytes:
+    """`jpeg` with APP1 segments holding `payloads` right after its start marker."""
+    segments = b"".join(b"\xff\xe1" + (len(p) + 2).to_bytes(2, "big") + p for p in payloads)
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+def _tiff(order: str, entries: list[tuple[int, int, int, bytes]], first: int = 8) -> bytes:
+    """An EXIF block: TIFF header in byte `order` ("little"/"big") and one directory of (tag, type, count, value)."""
+    head = (b"II" if order == "little" else b"MM") + (42).to_bytes(2, order) + first.to_bytes(4, order)
+    ifd = len(entries).to_bytes(2, order) + b"".join(
+        t.to_bytes(2, order) + k.to_bytes(2, order) + n.to_bytes(4, order) + v.ljust(4, b"\x00")
+        for t, k, n, v in entries)
+    return b"Exif\x00\x00" + head + ifd + (0).to_bytes(4, order)
+
+
+@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, of the bad offset
+def test_exif_orientation_is_read_from_the_header_as_pillow_reads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both byte orders, other tags around it, no tag at all: Pillow's orientation without Pillow; blocks Pillow
+    would read differently (a LONG tag, two EXIF blocks it joins, XMP it may take it from, a bad offset) go to it."""
+    buffer = io.BytesIO()
+    noise(61, 40).save(buffer, "JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    short = {order: lambda v, order=order: (0x0112, 3, 1, v.to_bytes(2, order)) for order in ("little", "big")}
+    make = (0x010F, 2, 4, b"Cam\x00")
+    pillow_exif = Image.Exif()
+    pillow_exif[0x0112] = 6
+    ours = {"pillow-written.jpg": _with_app1(jpeg, pillow_exif.tobytes()),
+            "big-endian.jpg": _with_app1(jpeg, _tiff("big", [make, short["big"](8)])),
+            "little-endian.jpg": _with_app1(jpeg, _tiff("little", [make, short["little"](3), (0x131, 2, 2, b"x")])),
+            "no-tag.jpg": _with_app1(jpeg, _tiff("big", [make])),
+            "zero.jpg": _with_app1(jpeg, _tiff("little", [short["little"](0)]))}
+    pillows = {"long.jpg": _with_app1(jpeg, _tiff("big", [(0x0112, 4, 1, (6).to_bytes(4, "big"))])),
+               "two-blocks.jpg": _with_app1(jpeg, _tiff("big", [make]), _tiff("big", [short["big"](6)])),
+               "xmp.jpg": _with_app1(jpeg, b"http://ns.adobe.com/xap/1.0/\x00<x tiff:Orientation=\"6\"/>"),
+               "bad-offset.jpg": _with_app1(jpeg, _tiff("little", [short["little"](6)], first=4000))}
+    for name, data in {**ours, **pillows}.items():
+        (tmp_path / name).write_bytes(data)
+    opened, lazy = [], streaming._lazy
+    monkeypatch.setattr(streaming, "_lazy", lambda source, name: opened.append(Path(name).name) or lazy(source, name))
+    seen = {name: streaming._Encoded(tmp_path / name) for name in {**ours, **pillows}}
+    assert opened == list(pillows)
+    expected = {name: streaming._orientation(Image.open(tmp_path / name)) for name in seen}
+    assert {name: e.orientation for name, e in seen.items()} == expected
+    assert [expected[n] for n in ours] == [6, 8, 3, 1, 1] and expected["xmp.jpg"] == 6  # Pillow reads XMP too
+    for name, e in seen.items():
+        assert e.size == streaming.oriented_size(Image.open(tmp_path / name)), name
+        assert np.array_equal(read_rgb(tmp_path / name), np.asarray(ImageOps.exif_transpose(Image.open(
+            tmp_path / name)).convert("RGB"))), name
 
 
 @pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
