@@ -311,22 +311,36 @@ def test_crops_resample_as_pillow_does(size: int) -> None:
 
 
 def test_enlarged_crops_take_the_plain_kernel_without_changing_a_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crop enlarged on both axes skips the antialiasing pass; its pixels stay those of the antialiased filter."""
+    """A crop enlarged on both axes skips the antialiasing pass; its pixels stay those of the antialiased filter,
+    written channels-last, the same pixels F.interpolate gives."""
     pixels = np.asarray(noise(300, 260, seed=5))
-    interpolate, flags = F.interpolate, []
-    def spy(*args, **kwargs):  # records which filter each crop took
-        flags.append(kwargs["antialias"])
-        return interpolate(*args, **kwargs)
-
-    monkeypatch.setattr(streaming.F, "interpolate", spy)
+    flags = []
+    kernels = dict(streaming._RESIZE)
+    monkeypatch.setattr(streaming, "_RESIZE", {k: lambda *a, k=k, **kw: flags.append(k) or kernels[k](*a, **kw)
+                                               for k in kernels})
     rng = np.random.default_rng(1)
     cases = [(40, 40), (223, 224), (224, 224), (100, 201), (7, 150), (150, 250), (260, 100)]
     for cw, ch in cases:
         x0, y0 = int(rng.integers(0, 300 - cw)), int(rng.integers(0, 260 - ch))
         region = torch.from_numpy(pixels[y0:y0 + ch, x0:x0 + cw].copy()).permute(2, 0, 1)[None]
-        reference = interpolate(region, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)[0]
-        assert torch.equal(_resized(pixels, (x0, y0, cw, ch), (300, 260), 224), reference)
+        reference = F.interpolate(region, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)[0]
+        ours = _resized(pixels, (x0, y0, cw, ch), (300, 260), 224)
+        assert torch.equal(ours, reference) and ours.permute(1, 2, 0).is_contiguous()
     assert flags == [False] * 5 + [True] * 2  # shrunk on either axis: the antialiased filter
+
+
+def test_crops_stack_channels_last_and_train_channels_first(tmp_path: Path) -> None:
+    """Crops and their batches stay channels-last in memory until the device; the values are those of stacking."""
+    smooth(120, 90).save(tmp_path / "a.jpg")
+    noise(70, 100).save(tmp_path / "b.png")
+    crops = [crop_views(tmp_path / f, i, 0, 0, 32, (0.3, 1.0), 2) for i, f in enumerate(("a.jpg", "b.png"))]
+    crops.append(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))  # an unreadable file's placeholder
+    batch = streaming.stack_crops(crops)
+    assert torch.equal(batch, torch.stack(crops)) and batch.movedim(-3, -1).is_contiguous()
+    first = streaming.channels_first(batch, torch.device("cpu"))
+    assert torch.equal(first, batch) and first.is_contiguous()
+    centre = streaming.stack_crops([center_crop(tmp_path / "a.jpg", 24), center_crop(tmp_path / "b.png", 24)])
+    assert centre.shape == (2, 3, 24, 24) and centre.movedim(1, -1).is_contiguous()
 
 
 def test_center_crop_keeps_the_middle_of_the_shorter_side(tmp_path: Path) -> None:

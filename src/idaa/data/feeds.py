@@ -17,7 +17,7 @@ from idaa import distributed as dist
 from idaa.data.datasets import ImageDataset
 from idaa.data.formats import DataError
 from idaa.data.sources import Dataset, StreamingDataset
-from idaa.data.streaming import EpochBatches, image_loader
+from idaa.data.streaming import EpochBatches, channels_first, image_loader
 from idaa.data.views import crop_scale
 
 __all__ = ["Batch", "StreamFeed", "TensorFeed", "make_feed"]
@@ -103,7 +103,7 @@ def screened_batches(feed: Any, loader: Any, bad_images: str, views: int) -> Ite
             feed.skipped += bad
             keep = torch.tensor([not e for e in errors])
             crops, index = crops[keep], index[keep]
-        crops = crops.to(feed.device, non_blocking=True)
+        crops = channels_first(crops, feed.device)
         if not feed.crops:
             yield Batch(crops, crops, crops, index)
         else:

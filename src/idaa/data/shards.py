@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from idaa.data.formats import IMAGE_EXTENSIONS, DataError, channel_stats
 from idaa.data.layouts import Listing, has_test_split, layout_name, read_layout
-from idaa.data.streaming import center_crop, crop_views
+from idaa.data.streaming import center_crop, crop_views, stack_crops
 from idaa.devices import release_free_memory
 
 __all__ = ["INDEX", "ShardSource", "is_shard_folder", "pack_shards"]
@@ -288,7 +288,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             labels.append(int(row.get("cls", b"-1")))
             indices.append(index)
             errors.append(error)
-        return torch.stack(crops), torch.tensor(labels), torch.tensor(indices), errors
+        return stack_crops(crops), torch.tensor(labels), torch.tensor(indices), errors
 
 
 def _chunks(samples: Iterator[dict[str, Any]], size: int, decode: Any) -> Iterator[Any]:

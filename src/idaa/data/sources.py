@@ -142,7 +142,7 @@ class StreamedImages:
             if bad and self.data.options.bad_images == "error":
                 raise DataError(f"{bad[0]} (--bad-images skip uses zero pixels for it instead)")
             skipped += bad
-            yield crops
+            yield crops.contiguous()  # channels first, as the in-memory images are
         if skipped:
             warn(f"{len(skipped)} unreadable image(s) replaced by zeros, e.g. {skipped[0]}")
 

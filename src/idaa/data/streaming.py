@@ -23,7 +23,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from idaa.data.formats import DataError
@@ -34,8 +33,8 @@ try:  # a core dependency; without its wheel (an unusual platform) every file go
 except ImportError:  # pragma: no cover
     simplejpeg = None
 
-__all__ = ["BAD_IMAGES", "CropDataset", "EpochBatches", "center_crop", "crop_views", "default_workers",
-           "image_loader", "open_rgb", "oriented_size", "read_rgb"]
+__all__ = ["BAD_IMAGES", "CropDataset", "EpochBatches", "center_crop", "channels_first", "collate_crops",
+           "crop_views", "default_workers", "image_loader", "open_rgb", "oriented_size", "read_rgb", "stack_crops"]
 
 BAD_IMAGES = ("error", "skip")
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's aspect-ratio range
@@ -315,9 +314,10 @@ def _crop_rng(seed: int, epoch: int, index: int, view: int) -> random.Random:
 
 
 def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], size: int,
-             height: int | None = None) -> torch.Tensor:
+             height: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The box (full-resolution coordinates) of possibly reduced pixels (H x W x 3), resized to 3 x size x size uint8;
-    `height`: the whole reduced image's, when `pixels` are only its top rows.
+    `height`: the whole reduced image's, when `pixels` are only its top rows. The result is channels-last in memory
+    (a view of `out`, size x size x 3, when given): what the kernel writes fastest (see `stack_crops`).
 
     Antialiased bilinear, Pillow's filter (the same pixels up to rounding: < 0.1 grey level apart on average), by
     torch's uint8 kernel in about a third of Pillow's time; the box is rounded out to whole decoded pixels.
@@ -331,17 +331,53 @@ def _resized(pixels: np.ndarray, box: Sequence[float], full: tuple[int, int], si
     region = pixels[top:bottom, left:right]
     if not (region.flags.c_contiguous and region.flags.writeable):
         region = region.copy()  # torch wants writable, contiguous h x w x 3 pixels (its fast uint8 kernel)
-    # Enlarging on both axes, the antialiased filter is plain bilinear (the same pixels, measured: none differ) and
-    # torch's plain kernel takes about half the time; half of all 224 px crops of ~400 x 350 photos are enlarged.
+    if out is None:
+        out = torch.empty((size, size, 3), dtype=torch.uint8)
+    target = out.permute(2, 0, 1)[None]
+    # Enlarging on both axes, the antialiased filter is plain bilinear (the same pixels, measured: none differ), and
+    # torch's plain kernel is faster; about a third of 224 px crops of ~400 x 350 photos are enlarged.
     shrinks = region.shape[0] > size or region.shape[1] > size
-    out = F.interpolate(torch.from_numpy(region).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                        antialias=shrinks, align_corners=False)
-    return out[0]
+    _RESIZE[shrinks](torch.from_numpy(region).permute(2, 0, 1)[None], [size, size], False, None, None, out=target)
+    return target[0]
+
+
+# F.interpolate's kernels, called with an output: a channels-last output skips the kernel's last pass, which
+# F.interpolate gives one image (it returns channels first) and which took ~30% of the resize (measured)
+_RESIZE = {True: torch.ops.aten._upsample_bilinear2d_aa.out, False: torch.ops.aten.upsample_bilinear2d.out}
+
+
+def stack_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Crops of one shape (... x 3 x S x S) stacked into a batch that is channels-last in memory, as `_resized`
+    writes them, so stacking is a plain copy; the training device puts channels first (`channels_first`). In a
+    DataLoader worker the batch is made in shared memory, as torch's default collate does, to reach the main
+    process without another copy."""
+    first = crops[0]
+    shape = (len(crops), *first.shape[:-3], *first.shape[-2:], first.shape[-3])
+    if torch.utils.data.get_worker_info() is not None:
+        out = first.new(first._typed_storage()._new_shared(math.prod(shape), device=first.device)).view(shape)
+    else:
+        out = torch.empty(shape, dtype=first.dtype)
+    for target, crop in zip(out, crops, strict=True):
+        target.copy_(crop.movedim(-3, -1))
+    return out.movedim(-1, -3)
+
+
+def channels_first(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of crops on `device`, channels first in memory (contiguous) as the rest of training expects."""
+    return crops.to(device, non_blocking=True).contiguous()
+
+
+def collate_crops(samples: Sequence[tuple[torch.Tensor, int, int, str]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, list[str]]:
+    """`CropDataset` samples into (crops, labels, indices, errors), the crops stacked by `stack_crops`."""
+    crops, labels, indices, errors = zip(*samples, strict=True)
+    return stack_crops(crops), torch.tensor(labels), torch.tensor(indices), list(errors)
 
 
 def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, size: int,
                scale: tuple[float, float], views: int, fast_decode: bool = True) -> torch.Tensor:
-    """`views` random-resized crops (views x 3 x size x size uint8) of one image, seeded by (seed, epoch, index, view).
+    """`views` random-resized crops (views x 3 x size x size uint8, channels-last in memory) of one image, seeded by
+    (seed, epoch, index, view).
 
     `image` is a decoded PIL image or a file (path or file object); a file is read once and decoded once, at the
     smallest JPEG scale at which every crop still has >= size pixels on each side. `fast_decode` (training crops'
@@ -358,12 +394,15 @@ def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, s
     if encoded is not None:
         pixels, height = encoded.pixels(size / max(1, min(min(b[2], b[3]) for b in boxes)), fast=fast_decode,
                                         rows=max(b[1] + b[3] for b in boxes) + _MARGIN)
-    crops = [_resized(pixels, box, full, size, height) for box in boxes]
-    return crops[0][None] if views == 1 else torch.stack(crops)  # one view: no copy (the batch collates it)
+    out = torch.empty((views, size, size, 3), dtype=torch.uint8)
+    for view, box in enumerate(boxes):
+        _resized(pixels, box, full, size, height, out[view])
+    return out.permute(0, 3, 1, 2)
 
 
 def center_crop(image: Image.Image | Source, size: int) -> torch.Tensor:
-    """Evaluation transform: shorter side resized to `size`, centre size x size crop (3 x size x size uint8)."""
+    """Evaluation transform: shorter side resized to `size`, centre size x size crop (3 x size x size uint8,
+    channels-last in memory)."""
     if isinstance(image, Image.Image):
         pixels = np.asarray(_to_rgb(image))
         height = pixels.shape[0]
@@ -373,20 +412,21 @@ def center_crop(image: Image.Image | Source, size: int) -> torch.Tensor:
         pixels, height = encoded.pixels(size / max(1, min(w, h)), rows=(h + min(w, h)) // 2 + _MARGIN)
     w, h = pixels.shape[1], height  # the (reduced) image's size; the square is taken in its pixels
     side = min(w, h)
-    return _resized(pixels, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size, h).contiguous()
+    return _resized(pixels, ((w - side) // 2, (h - side) // 2, side, side), (w, h), size, h)
 
 
 def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, device: torch.device,
                  prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader for `dataset` over a batch sampler; pinned memory on CUDA, persistent prefetching workers.
 
-    It has its own generator, so creating an iterator never draws from the global torch RNG (bit-exact resume).
-    With workers, the heap's free pages go back to the kernel first, so the forked workers do not inherit them.
+    It has its own generator, so creating an iterator never draws from the global torch RNG (bit-exact resume);
+    batches are (crops, labels, indices, errors), the crops channels-last in memory (`stack_crops`). With workers,
+    the heap's free pages go back to the kernel first, so the forked workers do not inherit them.
     """
     extra = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
     if workers > 0:
         release_free_memory()
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_crops,
                                        pin_memory=device.type == "cuda", generator=torch.Generator(), **extra)
 
 
