@@ -252,12 +252,14 @@ def test_decoding_stops_below_the_crops_without_changing_a_pixel(
         exif[0x0112] = 6 if kind == "exif-rotated" else 1
         options["exif"] = exif
     stopped: list[tuple[int, int]] = []
+    scales: set[int] = set()
     top_rows = streaming._Encoded._top_rows
 
     def spy(self, k, fast, rows):
         out = top_rows(self, k, fast, rows)
         if out is not None:
             stopped.append((out.shape[0], math.ceil(self.stored[1] / k)))
+            scales.add(k)
         return out
 
     monkeypatch.setattr(streaming._Encoded, "_top_rows", spy)
@@ -271,6 +273,7 @@ def test_decoding_stops_below_the_crops_without_changing_a_pixel(
         assert not stopped  # rows of the stored image are not the displayed image's: decoded whole
     else:
         assert stopped and all(rows < whole for rows, whole in stopped)  # it did stop early...
+        assert scales >= {1, 2}  # ...at full and at reduced (draft) scales...
         assert sum(rows for rows, _ in stopped) < 0.95 * sum(whole for _, whole in stopped)
     monkeypatch.setattr(streaming._Encoded, "_top_rows", lambda self, k, fast, rows: None)
     whole = [crop for f in files for crop in _cropped(f)]

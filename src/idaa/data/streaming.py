@@ -6,7 +6,7 @@ see the same crops. JPEGs are decoded at the smallest scale (1/2, 1/4, 1/8, as P
 every crop at least its output resolution, and a baseline JPEG only down to the lowest crop's bottom row; RGB and
 greyscale JPEGs go straight from libjpeg-turbo to a numpy array (simplejpeg: Pillow's pixels, without its
 per-image overhead), everything else through Pillow. Training
-crops use libjpeg-turbo's fast IDCT and chroma upsampling (about a grey level off, 0-8% more crops/s measured);
+crops use libjpeg-turbo's fast IDCT and chroma upsampling (about a grey level off, 0-10% more crops/s measured);
 evaluation crops and `read_rgb` are exact. The colour part of the views stays on the device (`views.py`).
 """
 
@@ -105,7 +105,7 @@ class _Encoded:
         the height the whole image has at that scale.
 
         `fast`: libjpeg-turbo's fast integer IDCT and chroma upsampling by replication (RGB/grey JPEGs only), up to
-        8% more 224 px crops/s (benchmarks/bench_data.py, machine-dependent) at about 1 grey level off; training only.
+        10% more 224 px crops/s (benchmarks/bench_data.py, machine-dependent) at about 1 grey level off; training only.
         `rows`: only the top `rows` rows (full resolution) are wanted, so a baseline JPEG may stop decoding below
         them (`_top_rows`); the pixels then hold at least those rows, the same as a whole decode gives.
         """
@@ -381,7 +381,7 @@ def crop_views(image: Image.Image | Source, index: int, epoch: int, seed: int, s
 
     `image` is a decoded PIL image or a file (path or file object); a file is read once and decoded once, at the
     smallest JPEG scale at which every crop still has >= size pixels on each side. `fast_decode` (training crops'
-    default) trades about one grey level of JPEG decoding accuracy for 0-8% more crops/s (`_Encoded.pixels`).
+    default) trades about one grey level of JPEG decoding accuracy for 0-10% more crops/s (`_Encoded.pixels`).
     """
     if isinstance(image, Image.Image):
         encoded, pixels = None, np.asarray(_to_rgb(image))
