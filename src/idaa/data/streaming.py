@@ -348,18 +348,9 @@ _RESIZE = {True: torch.ops.aten._upsample_bilinear2d_aa.out, False: torch.ops.at
 
 def stack_crops(crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """Crops of one shape (... x 3 x S x S) stacked into a batch that is channels-last in memory, as `_resized`
-    writes them, so stacking is a plain copy; the training device puts channels first (`channels_first`). In a
-    DataLoader worker the batch is made in shared memory, as torch's default collate does, to reach the main
-    process without another copy."""
-    first = crops[0]
-    shape = (len(crops), *first.shape[:-3], *first.shape[-2:], first.shape[-3])
-    if torch.utils.data.get_worker_info() is not None:
-        out = first.new(first._typed_storage()._new_shared(math.prod(shape), device=first.device)).view(shape)
-    else:
-        out = torch.empty(shape, dtype=first.dtype)
-    for target, crop in zip(out, crops, strict=True):
-        target.copy_(crop.movedim(-3, -1))
-    return out.movedim(-1, -3)
+    writes them, so stacking is a plain copy (torch's default collate, into shared memory in a worker); the
+    training device puts channels first (`channels_first`)."""
+    return torch.utils.data.default_collate([crop.movedim(-3, -1) for crop in crops]).movedim(-1, -3)
 
 
 def channels_first(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
