@@ -20,14 +20,14 @@ def metrics(run):
 @pytest.fixture
 def spy(monkeypatch):
     """Per step: (was an adversary passed, was an adversarial loss computed)."""
-    steps, real = [], pretrain_module.compute_losses
+    steps, real = [], pretrain_module.forward_backward
 
-    def compute_losses(model, adversary, *args, **kwargs):
+    def forward_backward(model, adversary, *args, **kwargs):
         losses = real(model, adversary, *args, **kwargs)
         steps.append((adversary is not None, losses.adversarial is not None))
         return losses
 
-    monkeypatch.setattr(pretrain_module, "compute_losses", compute_losses)
+    monkeypatch.setattr(pretrain_module, "forward_backward", forward_backward)
     return steps
 
 

@@ -13,7 +13,7 @@ import torch
 from idaa.cli import main
 from idaa.data.datasets import load_dataset
 from idaa.nets import save_vae
-from idaa.train.step import compute_losses
+from idaa.train.step import forward_backward
 
 CASE = '''
 """One optimisation step of a small method, built identically in every process."""
@@ -31,9 +31,12 @@ N = 16  # the global batch
 def build(recipe, vae_path):
     torch.manual_seed(0)
     backbone = build_backbone("resnet18-cifar", width=4)
-    if recipe == "simclr+idaa":
+    if recipe.startswith("simclr+idaa"):
         method = build_method("simclr", backbone, proj_hidden=32, proj_dim=16)
         adversary = build_adversary("idaa", vae=load_vae(vae_path), eps=0.2)
+        if "shared" in recipe:  # the attack's gradient from the clean loss's own backward
+            method.attack_graph = "shared"
+            method.adversarial_anchor = "detached" if recipe.endswith("detached") else "live"
     else:
         method = build_method("simsiam", backbone, proj_hidden=32, proj_dim=32, pred_hidden=8)
         adversary = None
@@ -48,7 +51,7 @@ if __name__ == "__main__":
     from torch.nn.parallel import DistributedDataParallel
 
     from idaa import distributed as dist
-    from idaa.train.step import compute_losses
+    from idaa.train.step import forward_backward
 
     torch.set_num_threads(1)
     recipe, vae_path, out = sys.argv[1:4]
@@ -56,10 +59,9 @@ if __name__ == "__main__":
     rank, world = dist.rank(), dist.world_size()
     method, adversary, v1, v2 = build(recipe, vae_path)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
-    model = DistributedDataParallel(method, find_unused_parameters=adversary is None)
+    model = DistributedDataParallel(method, find_unused_parameters=adversary is None or "shared" in recipe)
     share = slice(rank * N // world, (rank + 1) * N // world)
-    losses = compute_losses(model, adversary, v1[share], v2[share])
-    losses.total.backward()
+    losses = forward_backward(model, adversary, v1[share], v2[share])
     optimizer.step()
     loss = losses.total.detach().clone()
     td.all_reduce(loss)
@@ -108,7 +110,7 @@ def per_rank_bn(method, recipe, half):
     setattr(method, name, chunked)
 
 
-@pytest.mark.parametrize("recipe", ["simclr+idaa", "simsiam"])
+@pytest.mark.parametrize("recipe", ["simclr+idaa", "simsiam", "simclr+idaa-shared", "simclr+idaa-shared-detached"])
 def test_two_ranks_take_the_same_step_as_one_process(recipe, tmp_path, digits_vae):
     script, case = load_case(tmp_path)
     out = tmp_path / "ddp.pt"
@@ -121,8 +123,7 @@ def test_two_ranks_take_the_same_step_as_one_process(recipe, tmp_path, digits_va
     before = {k: p.detach().clone() for k, p in method.named_parameters()}
     per_rank_bn(method, recipe, case.N // 2)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
-    losses = compute_losses(method, adversary, v1, v2)
-    losses.total.backward()
+    losses = forward_backward(method, adversary, v1, v2)
     optimizer.step()
 
     assert ddp["loss"] == pytest.approx(losses.total.item(), abs=1e-5)

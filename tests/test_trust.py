@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import idaa.train.pretrain as pretrain_module
+import idaa.train.step as step_module
 from idaa.cli import main
 from idaa.data.datasets import load_dataset
 from idaa.nets import save_vae
@@ -53,9 +54,14 @@ def assert_same_state(a, b):
     assert records(a) == records(b)
 
 
-@pytest.mark.parametrize("recipe", ["simclr+idaa", "moco+idaa"])
+SHARED = {"simclr+idaa-shared": ["--attack-graph", "shared"],
+          "simclr+idaa-shared-detached": ["--attack-graph", "shared", "--adversarial-anchor", "detached"]}
+
+
+@pytest.mark.parametrize("recipe", ["simclr+idaa", "moco+idaa", *SHARED])
 def test_interrupted_then_resumed_equals_straight(recipe, tmp_path, digits_vae):
     extra = (MOMENTUM if recipe.startswith("moco") else []) + ["--adversary", "idaa", "--vae", digits_vae]
+    extra += SHARED.get(recipe, [])
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*BASE, *extra, "--out", str(straight)]) == 0
     assert main([*BASE, *extra, "--out", str(split), "--max-steps", "3"]) == 0  # stops inside epoch 1
@@ -71,7 +77,7 @@ def test_sigterm_mid_epoch_saves_exits_and_resumes_exactly(tmp_path, digits_vae,
     extra = ["--adversary", "idaa", "--vae", digits_vae]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main([*BASE, *extra, "--out", str(straight)]) == 0
-    real, calls = pretrain_module.compute_losses, []
+    real, calls = pretrain_module.forward_backward, []
 
     def compute_then_signal(*args, **kwargs):
         calls.append(1)
@@ -79,14 +85,14 @@ def test_sigterm_mid_epoch_saves_exits_and_resumes_exactly(tmp_path, digits_vae,
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "compute_losses", compute_then_signal)
+    monkeypatch.setattr(pretrain_module, "forward_backward", compute_then_signal)
     assert main([*BASE, *extra, "--out", str(stopped)]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "stopped by SIGTERM after step 6" in err and "--resume" in err
     blob = torch.load(stopped / "last.ckpt", weights_only=False)
     assert blob["step"] == 6 and blob["position"] == {**blob["position"], "epoch": 2, "batch": 2}
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is removed after the run"
-    monkeypatch.setattr(pretrain_module, "compute_losses", real)
+    monkeypatch.setattr(pretrain_module, "forward_backward", real)
     assert main(["pretrain", "--resume", "--out", str(stopped), "--no-progress"]) == 0
     assert_same_state(straight, stopped)
 
@@ -165,7 +171,7 @@ def test_skip_nonfinite_tolerates_k_bad_steps(tmp_path, digits_vae, monkeypatch)
 
 
 def test_nonfinite_gradient_is_named(tmp_path, monkeypatch, capsys):
-    real = pretrain_module.compute_losses
+    real = step_module.compute_losses
 
     def poisoned(method, *args, **kwargs):
         losses = real(method, *args, **kwargs)
@@ -173,7 +179,7 @@ def test_nonfinite_gradient_is_named(tmp_path, monkeypatch, capsys):
         losses.total = losses.total + 0 * (weight.sum() * float("inf"))  # finite value, NaN gradient
         return losses
 
-    monkeypatch.setattr(pretrain_module, "compute_losses", poisoned)
+    monkeypatch.setattr(step_module, "compute_losses", poisoned)
     assert main([*BASE, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "non-finite gradient at step 1" in err and "no checkpoint was written" in err

@@ -8,13 +8,14 @@ grows with the step's structure), since CPU allocations are not tracked by torch
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,16 +25,33 @@ from idaa.devices import resolve_device, tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.methods import build_method
 from idaa.nets import VAE, build_backbone
-from idaa.train.step import apply_speedups, compute_losses, to_memory_format
+from idaa.train.step import apply_speedups, forward_backward, to_memory_format
 
-# mode -> (adversary, attack_graph, attack_fraction)
-MODES: dict[str, tuple[str, str, float]] = {
-    "none": ("none", "separate", 1.0),
-    "idaa": ("idaa", "separate", 1.0),
-    "idaa-clean": ("idaa", "clean", 1.0),
-    "idaa-clean-frac0.25": ("idaa", "clean", 0.25),
-    "idaa-frac0.25": ("idaa", "separate", 0.25),
-    "clae": ("clae", "separate", 1.0),
+
+class Mode(NamedTuple):
+    """One benchmarked step: the adversary and how its attack is computed."""
+
+    adversary: str
+    graph: str = "separate"
+    fraction: float = 1.0
+    anchor: str = "live"
+    vae_precision: str = "fp32"
+
+
+MODES: dict[str, Mode] = {
+    "none": Mode("none"),
+    "idaa": Mode("idaa"),
+    "idaa-clean": Mode("idaa", "clean"),
+    "idaa-clean-frac0.25": Mode("idaa", "clean", 0.25),
+    "idaa-frac0.25": Mode("idaa", "separate", 0.25),
+    "idaa-shared": Mode("idaa", "shared"),
+    "idaa-shared-frac0.25": Mode("idaa", "shared", 0.25),
+    "idaa-shared-detached": Mode("idaa", "shared", 1.0, "detached"),
+    "idaa-shared-detached-frac0.25": Mode("idaa", "shared", 0.25, "detached"),
+    "idaa-shared-detached-vaebf16": Mode("idaa", "shared", 1.0, "detached", "bf16"),
+    "idaa-shared-detached-frac0.25-vaebf16": Mode("idaa", "shared", 0.25, "detached", "bf16"),
+    "clae": Mode("clae"),
+    "clae-shared": Mode("clae", "shared"),
 }
 
 
@@ -137,19 +155,18 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
 
     runners: dict[str, Callable[[], None]] = {}
     for mode in cfg.modes:
-        adversary_name, graph, fraction = MODES[mode]
+        spec = MODES[mode]
         torch.manual_seed(cfg.seed)
         method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device).train()
         apply_speedups(method, cfg.channels_last, cfg.compile)
-        method.attack_graph, method.attack_fraction = graph, fraction
-        adversary = None if adversary_name == "none" else build_adversary(adversary_name, vae=vae)
+        method.attack_graph, method.attack_fraction, method.adversarial_anchor = spec.graph, spec.fraction, spec.anchor
+        mode_vae = copy.copy(vae).set_precision(spec.vae_precision)  # shares the weights, not the setting
+        adversary = None if spec.adversary == "none" else build_adversary(spec.adversary, vae=mode_vae)
         optimizer = torch.optim.Adam(method.parameters(), lr=1e-4)
 
         def run(method=method, adversary=adversary, optimizer=optimizer) -> None:
             optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                losses = compute_losses(method, adversary, v1, v2)
-            losses.total.backward()
+            forward_backward(method, adversary, v1, v2, autocast=autocast)
             optimizer.step()
 
         runners[mode] = run

@@ -35,6 +35,7 @@ def build_from_config(config: dict[str, Any], in_channels: int = 3) -> Method:
                           attack_loss=config["attack_loss"], **config.get("method_options", {}))
     method.attack_graph = config.get("attack_graph", "separate")
     method.attack_fraction = config.get("attack_fraction", 1.0)
+    method.adversarial_anchor = config.get("adversarial_anchor", "live")
     return method
 
 

@@ -42,8 +42,7 @@ class IdentityDisentangledAdversary(Adversary):
     @torch.no_grad()
     def decompose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, R): the VAE reconstruction G(x) = D(mu(x)) and the identity residual R(x) = x - G(x)."""
-        mu, _ = self.vae.encode(x)
-        generated = self.vae.decode(mu)
+        generated = self.vae.decode(self.vae.encode_mean(x))
         return generated, x - generated
 
     def perturb(self, x: torch.Tensor, loss_fn: LossFn, source: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,19 +53,19 @@ class IdentityDisentangledAdversary(Adversary):
         if self.attack.steps != 1 or self.attack.random_start or not self.decompose_residual:
             raise IdaaError("--attack-graph clean supports FGSM IDAA only (one step, no random start, with R)")
         with torch.no_grad():
-            mu, _ = self.vae.encode(x.detach())
+            mu = self.vae.encode_mean(x.detach())
         delta = torch.zeros_like(mu, requires_grad=True)
         with torch.enable_grad():
             generated = self.vae.decode(mu + delta)
             (latent_grad,) = torch.autograd.grad(generated, delta, grad_outputs=grad.to(generated.dtype))
         with torch.no_grad():
             step = self.attack.step_size * ascent_direction(latent_grad, self.attack.norm)
-            return x.detach() - generated.detach() + self.vae.decode(mu + step)
+            return (x.detach() - generated.detach() + self.vae.decode(mu + step)).to(x.dtype)
 
     def attack_latent(self, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
         """(x', delta): the adversarial view and the latent perturbation that made it."""
         with torch.no_grad():
-            mu, _ = self.vae.encode(x.detach())
+            mu = self.vae.encode_mean(x.detach())
             residual = x.detach() - self.vae.decode(mu) if self.decompose_residual else torch.zeros_like(x)
 
         def build(delta: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ class LatentNoise(Adversary):
 
     @torch.no_grad()
     def perturb(self, x: torch.Tensor, loss_fn: LossFn, source: torch.Tensor | None = None) -> torch.Tensor:
-        mu, _ = self.vae.encode(x)
+        mu = self.vae.encode_mean(x)
         residual = x - self.vae.decode(mu)
         sign = torch.randint(0, 2, mu.shape, device=mu.device).to(mu.dtype) * 2 - 1
         return residual + self.vae.decode(mu + self.eps * sign)

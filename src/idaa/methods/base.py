@@ -32,7 +32,9 @@ class Method(nn.Module, ABC):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone
-        self.attack_graph = "separate"  # or "clean": the attack's input gradient from v1's own clean forward
+        self.attack_graph = "separate"  # "clean": the attack's gradient from v1's own graph; "shared": from the
+        # clean loss's own backward (see idaa.train.step.shared_backward)
+        self.adversarial_anchor = "live"  # "detached": L(v1, x') trains through x' only (no second v1 backward)
         self.attack_fraction = 1.0  # attack (and add x' for) only the first fraction of the batch
 
     @abstractmethod
@@ -47,22 +49,30 @@ class Method(nn.Module, ABC):
     def adversarial_loss(self, state: State, x_adv: torch.Tensor) -> torch.Tensor:
         """L(v1, x'): the method's loss between the clean view and the adversarial view."""
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, adversary: Any = None, source: torch.Tensor | None = None,
-                alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor | None, adversary: Any = None,
+                source: torch.Tensor | None = None, alpha: float = 1.0, part: str = "step",
+                state: State | None = None, grad: torch.Tensor | None = None) -> Any:
         """One step's losses (total, clean, adversarial, x'): L(v1, v2) + alpha * L(v1, x'), x' made from v1.
 
         Everything happens inside `forward` so that DistributedDataParallel sees the whole step. The attack
         reuses the clean pass's state (no anchor is recomputed) and takes input gradients only. With
         `attack_graph="clean"` the attack needs no forward of its own: at delta = 0, x~ equals v1 exactly
         (R + G = x), so its input gradient comes from v1's clean graph (main BN instead of the adversarial one).
+        `attack_graph="shared"` splits the step in two calls (see `idaa.train.step.shared_backward`):
+        `part="clean"` returns (L(v1, v2), state); `part="adversarial"` takes that state and dL/dv1 (`grad`)
+        and returns (L(v1, x'), x').
         """
+        if part == "clean":
+            return self.clean_loss(v1, v2)
+        if part == "adversarial":
+            return self._adversarial_part(v1, adversary, state, grad)
         clean_graph = adversary is not None and self.attack_graph == "clean" and adversary.uses_gradient
         if clean_graph:
             v1 = v1.detach().requires_grad_(True)
         clean, state = self.clean_loss(v1, v2)
         if adversary is None:
             return clean, clean, None, None
-        m = len(v1) if self.attack_fraction >= 1 else max(1, round(self.attack_fraction * len(v1)))
+        m = self.attacked_rows(len(v1))
         part = state if m == len(v1) else self.subset_state(state, m)
         if clean_graph:
             (grad,) = torch.autograd.grad(self.clean_attack_value(state), v1, retain_graph=True)
@@ -70,8 +80,28 @@ class Method(nn.Module, ABC):
         else:
             x_adv = adversary.perturb(v1.detach()[:m], self.attack_loss(part),
                                       source=None if source is None else source[:m])
-        adversarial = self.adversarial_loss(part, x_adv)
+        adversarial = self.adversarial_loss(self.anchored(part), x_adv)
         return clean + alpha * adversarial, clean, adversarial, x_adv
+
+    def _adversarial_part(self, v1: torch.Tensor, adversary: Any, state: State | None,
+                          grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """L(v1, x') with x' from the clean loss's own input gradient (the second half of a shared step)."""
+        if state is None or grad is None:
+            raise IdaaError("the adversarial part of a shared-graph step needs the clean state and dL/dv1")
+        m = self.attacked_rows(len(v1))
+        part = state if m == len(v1) else self.subset_state(state, m)
+        x_adv = adversary.perturb_from_gradient(v1.detach()[:m], grad[:m])
+        return self.adversarial_loss(self.anchored(part), x_adv), x_adv
+
+    def attacked_rows(self, n: int) -> int:
+        """How many rows of an n-row batch the attack perturbs (`attack_fraction`)."""
+        return n if self.attack_fraction >= 1 else max(1, round(self.attack_fraction * n))
+
+    def anchored(self, state: State) -> State:
+        """The clean state L(v1, x') sees: as is, or detached (`adversarial_anchor="detached"`: through x' only)."""
+        if self.adversarial_anchor != "detached":
+            return state
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     def subset_state(self, state: State, m: int) -> State:
         """The state of the first m samples (for `attack_fraction`)."""

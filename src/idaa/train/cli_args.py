@@ -19,8 +19,13 @@ PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("attack-loss", str, "anchored (paper) or symmetric (authors' code)"), ("policy", str, "view policy"),
     ("eps", float, "adversary budget (IDAA 0.15 latent, CLAE 0.03 pixels)"), ("attack-steps", int, "1 = FGSM"),
     ("attack-step-size", float, ""), ("attack-norm", str, "linf or l2"),
-    ("attack-graph", str, "separate (the paper's: x~ through the adversarial BN) or clean (gradient from v1's "
-     "own graph at delta = 0: no extra forward; FGSM only)"),
+    ("attack-graph", str, "separate (the paper's: x~ through the adversarial BN), clean (gradient from v1's "
+     "own graph at delta = 0: no extra forward; FGSM only) or shared (the attack's gradient is dL(v1, v2)/dv1 "
+     "from the clean loss's own backward: no extra backward either; FGSM only)"),
+    ("adversarial-anchor", str, "live (default: L(v1, x') trains v1's branch too, as the paper) or detached "
+     "(through x' only: with --attack-graph shared, the step's floor of 3 forwards + 3 backwards)"),
+    ("vae-precision", str, "fp32 (default) or bf16: the frozen VAE's encode/decode under bf16 autocast (faster "
+     "on CPUs with AVX512-BF16 and on GPUs; x' differs slightly)"),
     ("attack-fraction", float, "attack only this fraction of each batch (the cheaper mode; default 1)"),
     ("attack-every", int, "attack only every k-th step; the others compute the clean loss alone (default 1)"),
     ("attack-from-epoch", int, "attack only from this epoch on (default 0: from the start)"),

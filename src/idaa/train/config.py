@@ -48,6 +48,8 @@ class PretrainConfig:
     attack_norm: str = "linf"
     random_start: bool = False
     attack_graph: str = "separate"
+    adversarial_anchor: str = "live"  # "detached": L(v1, x') trains through x' only
+    vae_precision: str = "fp32"  # "bf16": the frozen VAE's passes under bf16 autocast (changes x' slightly)
     attack_fraction: float = 1.0
     attack_every: int = 1  # attack only every k-th step (the others train on the clean loss alone)
     attack_from_epoch: int = 0  # attack only from this epoch on (1-based; 0 and 1: from the start)
@@ -117,15 +119,19 @@ class PretrainConfig:
                 raise IdaaError(f"{_flag(key)} must be a finite number >= 0, got {value!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
                    "precision": ("fp32", "bf16", "fp16"), "attack_norm": ("linf", "l2"),
-                   "attack_loss": ("anchored", "symmetric"), "attack_graph": ("separate", "clean")}
+                   "attack_loss": ("anchored", "symmetric"), "attack_graph": ("separate", "clean", "shared"),
+                   "adversarial_anchor": ("live", "detached"), "vae_precision": ("fp32", "bf16")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise IdaaError(f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if not isinstance(self.attack_fraction, int | float) or not 0 < self.attack_fraction <= 1:
             raise IdaaError(f"--attack-fraction must be in (0, 1], got {self.attack_fraction!r}")
-        if self.attack_graph == "clean" and (self.attack_steps != 1 or self.random_start
-                                             or self.adversary not in ("idaa", "clae")):
-            raise IdaaError("--attack-graph clean needs the FGSM idaa or clae adversary (one step, no random start)")
+        if self.attack_graph != "separate" and (self.attack_steps != 1 or self.random_start
+                                                or self.adversary not in ("idaa", "clae")):
+            raise IdaaError(f"--attack-graph {self.attack_graph} needs the FGSM idaa or clae adversary (one step, "
+                            f"no random start), got --adversary {self.adversary}"
+                            f"{' --random-start' if self.random_start else ''}"
+                            f"{f' --attack-steps {self.attack_steps}' if self.attack_steps != 1 else ''}")
         self.sources()
         parse_loggers(self.logger or "none")  # unknown names, missing extras: before any data is read
         return self

@@ -28,7 +28,7 @@ from idaa.train.config import PretrainConfig
 from idaa.train.monitor import KNNMonitor
 from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
-from idaa.train.step import apply_speedups, attack_at, compute_losses, to_memory_format
+from idaa.train.step import apply_speedups, attack_at, forward_backward, to_memory_format
 
 VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
 
@@ -123,7 +123,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     if cfg.adversary in VAE_ADVERSARIES:
         if cfg.vae is None:
             raise IdaaError(f"adversary '{cfg.adversary}' needs --vae VAE.pt (make one with 'idaa vae train')")
-        vae = load_vae(cfg.vae, map_location=device)
+        vae = load_vae(cfg.vae, map_location=device).set_precision(cfg.vae_precision)
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
         vae_ref = {"path": str(cfg.vae), "sha256": _file_sha256(cfg.vae)}
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps,
@@ -142,7 +142,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
         # without an adversary the adversarial BN twins receive no gradient
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=adversary is None or cfg.attack_every > 1
-                                        or cfg.attack_from_epoch > 1)
+                                        or cfg.attack_from_epoch > 1 or cfg.attack_graph == "shared")
     optimizer, scheduler = build_optimizer(cfg, method, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     knn = KNNMonitor(train, test, cfg, device) if test is not None and cfg.knn_every else None
@@ -235,11 +235,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                 v2 = to_memory_format(views(batch.second), cfg.channels_last)
                 # a skipped step must not leave NaN in BN statistics either: keep the buffers to put back
                 buffers = [b.clone() for b in method.buffers()] if cfg.skip_nonfinite > skipped else None
-                with autocast:
-                    attack = attack_at(adversary, cfg.attack_every, cfg.attack_from_epoch, epoch, step)
-                    losses = compute_losses(model, attack, v1, v2, source=batch.source, alpha=cfg.alpha)
+                attack = attack_at(adversary, cfg.attack_every, cfg.attack_from_epoch, epoch, step)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses.total).backward()
+                losses = forward_backward(model, attack, v1, v2, source=batch.source, alpha=cfg.alpha,
+                                          autocast=autocast, scaler=scaler)
                 problem = _nonfinite(losses, params, check_grads=not scaler.is_enabled(), agree=world > 1)
                 step, done = step + 1, i + 1
                 if problem is None:
