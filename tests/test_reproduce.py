@@ -389,3 +389,24 @@ def test_runs_taken_from_records_need_no_vae(tmp_path, capsys, monkeypatch):
     assert code == 0 and "adv-s0: new" in printed
     code, _, err = run([*argv, "--no-progress"], capsys)
     assert code == 2 and f"VAE '{vae}' (variant 'adv') does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_knn_unit_matching_is_not_bent_by_machine_load(tmp_path):
+    text = BASE + """seeds: [0]
+match_by: knn-units
+variants:
+  none: {}
+  slow: {adversary: random-view}
+  none-time-slow: {match_time_of: slow}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    runs = plan(protocol)
+    fake_run(protocol.out / "runs" / "none-s0", 2, 1.0, [40.0, 50.0])
+    # slow costs 3x none's work per epoch but ran on a machine twice as busy: its seconds say 6x
+    fake_run(protocol.out / "runs" / "slow-s0", 2, 3.0, [45.0, 55.0], load=2.0)
+    _resolve_stage(protocol, ["none-time-slow"], runs, echo=lambda text: None)
+    resolved = json.loads((protocol.out / "resolved.json").read_text())["none-time-slow"]
+    assert resolved["match_by"] == "knn-units" and resolved["epochs"] == 6, "3x the work of 2 epochs"
+    assert round(resolved["target_train_time"] / resolved["seconds_per_epoch"]) == 12, "raw seconds would say 12"
+    with pytest.raises(IdaaError, match="match_by must be one of"):
+        read_protocol(protocol_file(tmp_path, text.replace("knn-units", "minutes")), out=str(tmp_path / "x"))

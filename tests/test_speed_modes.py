@@ -135,3 +135,33 @@ def test_bench_step_prints_a_table_and_json(tmp_path, capsys):
     assert rows["idaa"]["memory_mb"] > rows["none"]["memory_mb"]
     assert rows["idaa-clean-frac0.25"]["memory_mb"] < rows["idaa-clean"]["memory_mb"]
     assert main(["bench", "step", "--modes", "none,warp"]) == 2
+
+
+def test_bench_shared_modes_and_their_memory(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    modes = "none,idaa-clean,idaa-shared,idaa-shared-frac0.25,idaa-shared-detached,idaa-shared-detached-vaebf16"
+    argv = ["bench", "step", "--width", "4", "--batch-size", "8", "--latent-dim", "16", "--rounds", "1", "--warmup",
+            "0", "--modes", modes, "--json", str(out)]
+    assert main(argv) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(modes.split(","))
+    # the live anchor keeps v1's graph for the second backward, as the clean-graph mode does; the detached one
+    # frees it after the first, so the step holds no more than SimCLR's own activations
+    assert rows["idaa-shared"]["memory_mb"] <= rows["idaa-clean"]["memory_mb"] * 1.01
+    assert rows["idaa-shared-detached"]["memory_mb"] < rows["idaa-shared"]["memory_mb"]
+    assert "| idaa-shared-detached-vaebf16 |" in capsys.readouterr().out
+
+
+def test_bench_breakdown_lists_each_component(tmp_path, capsys):
+    out = tmp_path / "breakdown.json"
+    argv = ["bench", "step", "--breakdown", "--width", "4", "--batch-size", "8", "--latent-dim", "16", "--rounds",
+            "1", "--warmup", "0", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    for part in ("backbone backward, clean view", "attack gradient alone (clean-graph mode)", "VAE VJP, fp32",
+                 "VAE second decode, bf16", "two SimCLR views"):
+        assert result["ms"][part] > 0 and f"| {part} |" in text
+    estimates = result["estimates"]
+    assert estimates["idaa-shared-detached, VAE fp32"] > estimates["simclr (none)"]
+    assert "| idaa-shared-detached, VAE bf16 |" in text

@@ -169,6 +169,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
     s.add_argument("--channels-last", action="store_true")
     s.add_argument("--compile", action="store_true", help="torch.compile each mode's backbone (warm-up compiles)")
+    s.add_argument("--breakdown", action="store_true",
+                   help="milliseconds per component instead (backbone passes per view, attack gradient, VAE passes)")
     s.add_argument("--json", default=None, help="also write the result as JSON here")
 
 
@@ -177,14 +179,15 @@ def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from idaa.bench import BenchConfig, bench_step, format_table
+    from idaa.bench_breakdown import bench_breakdown, format_breakdown
 
     cfg = BenchConfig(backbone=args.backbone, width=args.width, batch_size=args.batch_size,
                       image_size=args.image_size, latent_dim=args.latent_dim,
                       modes=tuple(m for m in args.modes.split(",") if m), rounds=args.rounds, warmup=args.warmup,
                       device=args.device, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile)
-    result = bench_step(cfg)
-    print(format_table(result))
+    result = bench_breakdown(cfg.validate()) if args.breakdown else bench_step(cfg)
+    print(format_breakdown(result) if args.breakdown else format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -6,7 +6,9 @@ finished, and the resolution is kept in `<out>/resolved.json` so it never change
 
 - `match_time_of: V` (compute-matched baseline): the variant's epochs are chosen so that its training time
   equals V's mean training time, at the per-epoch training time measured on `rate_from` (default: the
-  reference variant, usually plain SimCLR). Its cosine schedule spans all of its own epochs.
+  reference variant, usually plain SimCLR). Its cosine schedule spans all of its own epochs. With
+  `match_by: knn-units` both times are counted in each run's own kNN evaluations (the same work in every run),
+  so machine load and machine kind cannot bend the match; `seconds` (the default) uses raw seconds.
 - `best_of: [V1, V2, ...]`: the settings of whichever candidate has the highest mean final kNN accuracy, then
   the variant's own settings on top (e.g. another eps for the best IDAA variant).
 
@@ -27,7 +29,8 @@ from idaa.experiments.runner import as_mapping, read_vae_block
 from idaa.train.config import FIELDS, read_preset
 
 PROTOCOL_KEYS = {"base", "settings", "vae", "seeds", "variants", "reference", "compare", "compare_time", "linear",
-                 "out"}
+                 "out", "match_by"}
+MATCH_BY = ("seconds", "knn-units")  # knn-units: training time in units of the run's own kNN evaluations
 DEFERRED_KEYS = {"match_time_of", "rate_from", "best_of"}
 VARIANT_KEYS = (FIELDS - {"out", "seed"}) | DEFERRED_KEYS
 LINEAR_KEYS = {"variants", "limit"}
@@ -71,6 +74,7 @@ class Protocol:
     linear_limit: int | None
     out: Path
     publish: Path | None = None
+    match_by: str = "seconds"
 
 
 def _names(value: Any, what: str) -> list[str]:
@@ -215,13 +219,16 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
         linear_variants = [v for v in linear_variants if v in grid]
     overrides = {k: v for k, v in (("data_dir", data_dir), ("vae", vae), ("max_steps", max_steps)) if v is not None}
     target = Path(str(out or data.get("out") or f"runs/reproduce-{path.stem}"))
+    match_by = data.get("match_by", "seconds")
+    if match_by not in MATCH_BY:
+        raise IdaaError(f"match_by must be one of {', '.join(MATCH_BY)}, got {match_by!r}")
     if publish is not None and Path(publish).resolve() == target.resolve():
         raise IdaaError(f"--publish '{publish}' is the report folder itself; name another folder, e.g. docs/...")
     return Protocol(path, preset, overrides, read_vae_block(data.get("vae")),
                     parse_seeds(seeds if seeds is not None else data.get("seeds", [0]),
                                 "--seeds" if seeds is not None else "seeds"),
                     grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
-                    target, Path(publish) if publish is not None else None)
+                    target, Path(publish) if publish is not None else None, match_by)
 
 
 def stages(protocol: Protocol) -> list[list[str]]:

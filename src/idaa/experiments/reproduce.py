@@ -237,9 +237,19 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
         return {"best": best, "mean_knn_top1": knn, "seeds": protocol.seeds}
     target = statistics.fmean(r.train_time for r in results[variant.match_time_of].values())
     rate = statistics.fmean(r.train_time / r.epochs for r in results[variant.rate_from].values())
-    return {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
-            "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
-            "seeds": protocol.seeds}
+    resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
+                "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
+                "seeds": protocol.seeds, "match_by": protocol.match_by}
+    if protocol.match_by == "knn-units":  # counted in kNN evaluations: the same work in every run, load-free
+        units = [r.monitor_units for r in results[variant.match_time_of].values()]
+        rates = [r.monitor_units / r.epochs for r in results[variant.rate_from].values() if r.monitor_units]
+        if None in units or not rates:
+            raise IdaaError(f"match_by: knn-units needs the kNN monitor's timings in every run of "
+                            f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
+        target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
+        resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
+                     "knn_units_per_epoch": rate_units}
+    return resolved
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
