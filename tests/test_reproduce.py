@@ -408,5 +408,10 @@ variants:
     resolved = json.loads((protocol.out / "resolved.json").read_text())["none-time-slow"]
     assert resolved["match_by"] == "knn-units" and resolved["epochs"] == 6, "3x the work of 2 epochs"
     assert round(resolved["target_train_time"] / resolved["seconds_per_epoch"]) == 12, "raw seconds would say 12"
+    fake_run(protocol.out / "runs" / "none-time-slow-s0", 6, 1.0, [40.0, 44, 47, 50, 52, 54.0])
+    runs = _resolve_stage(protocol, ["none-time-slow"], runs, echo=lambda text: None)
+    timed = report_markdown(collect(protocol, runs, "idaa reproduce p.yaml")).split("## At equal training time")[1]
+    # the table shows what the match was made on: 12 s against 6 s of raw time, but 12 kNN evaluations each
+    assert "| 12.0 / 6.00 (12.0 / 12.0 kNN units) |" in timed and "`match_by: knn-units`" in timed
     with pytest.raises(IdaaError, match="match_by must be one of"):
         read_protocol(protocol_file(tmp_path, text.replace("knn-units", "minutes")), out=str(tmp_path / "x"))

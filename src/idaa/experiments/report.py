@@ -106,7 +106,11 @@ def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = Fals
         times = ""
         if timed:
             times = (f" {fmt(mean_std(r.values(first, 'train_time'))[0], None, None)} / "
-                     f"{fmt(mean_std(r.values(second, 'train_time'))[0], None, None)} |")
+                     f"{fmt(mean_std(r.values(second, 'train_time'))[0], None, None)}")
+            if r.protocol.match_by == "knn-units":  # what the match was made on: the load-free measure
+                times += (f" ({fmt(mean_std(r.values(first, 'monitor_units'))[0], None, None)} / "
+                          f"{fmt(mean_std(r.values(second, 'monitor_units'))[0], None, None)} kNN units)")
+            times += " |"
         lines.append(f"| {first} | {second} | {fmt(*mean_std(a))} | {fmt(*mean_std(b))} | {_signed(v.difference)} | "
                      f"{two_se} |{times} {_verdict_text(v, first, second)} |")
     return lines
@@ -151,6 +155,10 @@ def _section(title: str, text: str, rows: list[str]) -> list[str]:
     return [f"## {title}", "", text, "", *rows, ""]
 
 
+MATCHED_IN_UNITS = (", both counted in their runs' own kNN evaluations (`match_by: knn-units`), which machine "
+                    "load cannot bend")
+
+
 def report_markdown(r: Report) -> str:
     """The whole report.md."""
     p, ref = r.protocol, r.protocol.reference
@@ -169,7 +177,8 @@ def report_markdown(r: Report) -> str:
                           comparison_table(r, p.compare))
     if equal_time_pairs(p):
         parts += _section("At equal training time", "Each compute-matched baseline trains for as many epochs as fit "
-                          "in its IDAA variant's training time (its cosine schedule spans them all); "
+                          "in its IDAA variant's training time (its cosine schedule spans them all)"
+                          f"{MATCHED_IN_UNITS if p.match_by == 'knn-units' else ''}; "
                           "`resolved.json` holds the measured times. Pairs listed under `compare_time` cost the same "
                           "by construction (e.g. another eps at the same attack schedule).",
                           comparison_table(r, equal_time_pairs(p), True))
