@@ -146,8 +146,8 @@ def test_two_process_pretrain_writes_one_run_folder_and_resumes_on_one(tmp_path,
     assert [r["step"] for r in records] == [4, 5] and all(0 <= r["knn_top1"] <= 100 for r in records)
     blob = torch.load(run / "last.ckpt", weights_only=False)
     assert blob["world_size"] == 2 and len(blob["rng_ranks"]) == 2 and blob["position"]["batch"] == 1
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.ckpt", "metrics.jsonl", "tensorboard",
-                                                     "trackers.json"]  # rank 0 alone wrote them
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "last.ckpt", "metrics.jsonl",
+                                                     "tensorboard", "trackers.json"]  # rank 0 alone wrote them
     # resume the 2-process run in one process
     assert main(["pretrain", "--resume", "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8

@@ -316,7 +316,7 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `idaa` console script; user errors print one line and return 2."""
+    """Entry point of the `idaa` console script; user errors print one line and return 2 (75: a write fault)."""
     args = build_parser().parse_args(argv)
     from idaa.devices import tune_cpu_allocator
 
@@ -326,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **dict.fromkeys(EXPERIMENT_COMMANDS, _experiment)}
     try:
         handlers[args.command](args)
-    except IdaaError as exc:
+    except IdaaError as exc:  # exit 2, or 75 for a write the filesystem refused (WriteFault)
         print(f"idaa: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except Exception as exc:
+        from idaa.fileio import write_fault
         from idaa.train.state import TrainingStopped
 
+        fault = write_fault(exc, "", getattr(exc, "filename", None))  # a disk full anywhere else: still one line
+        if fault is not None:
+            print(f"idaa: error: {fault}", file=sys.stderr)
+            return fault.exit_code
         if not isinstance(exc, TrainingStopped):
             raise
         print(f"idaa: {exc}", file=sys.stderr)

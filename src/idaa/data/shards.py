@@ -29,6 +29,8 @@ from idaa.data.formats import IMAGE_EXTENSIONS, DataError, channel_stats
 from idaa.data.layouts import Listing, has_test_split, layout_name, read_layout
 from idaa.data.streaming import center_crop, crop_views, stack_crops
 from idaa.devices import release_free_memory
+from idaa.errors import WriteFault
+from idaa.fileio import reporting_write_faults
 
 __all__ = ["INDEX", "ShardSource", "is_shard_folder", "pack_shards"]
 
@@ -60,20 +62,30 @@ def pack_shards(layout: str, root: str | Path, out: str | Path, shard_size: int 
     listings = _listings(layout, root, test_fraction, seed)
     staging = out.parent / f".{out.name}.packing"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        total = sum(len(listing.files) for listing in listings.values())
-        with tqdm(total=total, desc="pack", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            splits = {name: _write_split(staging, name, listing, shard_size, bar) for name, listing in listings.items()}
-        mean, std = _stats(layout_name(layout) or layout, listings["train"])
-        index = {"format": FORMAT, "layout": layout_name(layout), "source": str(root.resolve()),
-                 "classes": listings["train"].classes, "mean": list(mean), "std": list(std), "splits": splits}
-        (staging / INDEX).write_text(json.dumps(index, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
+        with reporting_write_faults("the shards for", out):  # a full disk: one line, and the staging folder goes
+            return _pack(listings, layout, root, out, staging, shard_size, progress)
+    except WriteFault as fault:
+        raise WriteFault(f"{fault}; nothing was kept and '{root}' is untouched: free space, then run the same "
+                         "command again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pack(listings: dict[str, Listing], layout: str, root: Path, out: Path, staging: Path, shard_size: int,
+          progress: bool) -> dict[str, Any]:
+    """Write every split and the index into `staging`, then rename it to `out` (the one step others see)."""
+    staging.mkdir(parents=True)
+    total = sum(len(listing.files) for listing in listings.values())
+    with tqdm(total=total, desc="pack", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        splits = {name: _write_split(staging, name, listing, shard_size, bar) for name, listing in listings.items()}
+    mean, std = _stats(layout_name(layout) or layout, listings["train"])
+    index = {"format": FORMAT, "layout": layout_name(layout), "source": str(root.resolve()),
+             "classes": listings["train"].classes, "mean": list(mean), "std": list(std), "splits": splits}
+    (staging / INDEX).write_text(json.dumps(index, indent=1))
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
     return index
 
 

@@ -10,6 +10,7 @@ replaced.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Callable
@@ -21,10 +22,15 @@ import torch
 from tqdm import tqdm
 
 from idaa.data.datasets import ImageDataset
-from idaa.fileio import atomic_torch_save
+from idaa.errors import WriteFault
+from idaa.fileio import atomic_torch_save, write_fault
+from idaa.runlock import eval_lock
 
 CACHE_FOLDER = "feature-cache"
 CACHE_VERSION = 1
+# a checkpoint on a read-only folder or filesystem is evaluated without a cache; a full disk (ENOSPC, EDQUOT)
+# or an I/O error ends the evaluation as a WriteFault (exit 75)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
@@ -118,7 +124,12 @@ class FeatureCache:
             return CachedFeatures(features, False, seconds, None)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"key": key, "features": features}, path)
-        except OSError:  # a read-only run folder still gets its evaluation, just without a cache
-            return CachedFeatures(features, False, seconds, None)
+            with eval_lock(self.checkpoint.parent):  # evaluations take turns; training's RUN/.lock is not theirs
+                atomic_torch_save({"key": key, "features": features}, path)
+        except OSError as exc:
+            fault = None if exc.errno in _READ_ONLY else write_fault(exc, "the feature cache", path)
+            if fault is None:  # a read-only run folder still gets its evaluation, just without a cache
+                return CachedFeatures(features, False, seconds, None)
+            raise WriteFault(f"{fault}; the checkpoint and earlier caches are intact: free space, then evaluate "
+                             "again") from None
         return CachedFeatures(features, False, seconds, path)

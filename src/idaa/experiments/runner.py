@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from idaa.analysis.time_to_accuracy import read_metrics
-from idaa.errors import IdaaError
+from idaa.errors import IdaaError, WriteFault
 from idaa.fileio import atomic_write_text
 
 NOT_COMPARED = {"out", "command", "max_steps", "device", "download"}  # may differ between invocations
@@ -99,6 +99,9 @@ def run_child(command: list[str], name: str, what: str = "sweep") -> None:
             signal.signal(sig, handler)
     if abs(code) in (signal.SIGINT, signal.SIGTERM) and code < 0 or code in (130, 143):
         raise RunStopped(what, name, code if code > 0 else 128 - code)
+    if code == WriteFault.exit_code:  # the child said which write the disk refused and what is intact
+        raise WriteFault(f"'{name}' stopped on a write fault (exit {code}), see the message above; free space, "
+                         f"then run the {what} again (finished runs are kept)")
     if code != 0:
         raise IdaaError(f"'{name}' failed (exit {code}), see the messages above; fix it and run the {what} again "
                         "(finished runs are kept)")

@@ -17,13 +17,14 @@ from idaa.data.sources import Dataset, open_dataset
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
+from idaa.fileio import reporting_write_faults
 from idaa.nets.resnet import build_backbone
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
 from idaa.tracking import plan_trackers
-from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, write_config
+from idaa.train.run_dir import LastCheckpoint, MetricsLog, RunLock, atomic_torch_save, prepare_run_dir, write_config
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_KIND = "idaa-semi"
@@ -158,10 +159,18 @@ def read_semi_checkpoint(path: str | Path, map_location: str | torch.device = "c
 
 def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
                progress: bool = True) -> dict[str, Any]:
-    """Train `cfg.method` on `cfg.labels` labels; returns the last metrics record (EMA test accuracy)."""
+    """Train `cfg.method` on `cfg.labels` labels; returns the last metrics record (EMA test accuracy).
+
+    The run folder's lock (RUN/.lock) is held from before the first write until the run returns or fails.
+    """
     cfg.validate()
     if resume and overwrite:
         raise IdaaError("--resume and --overwrite exclude each other")
+    with RunLock(cfg.out) as lock:
+        return _train_semi(cfg, resume, overwrite, progress, lock)
+
+
+def _train_semi(cfg: SemiConfig, resume: bool, overwrite: bool, progress: bool, lock: RunLock) -> dict[str, Any]:
     blob = read_semi_checkpoint(Path(cfg.out) / "last.ckpt") if resume else None
     run = _build(cfg, blob["labelled"] if blob else None)
     ema = EMA(run.model, cfg.ema_decay)
@@ -180,16 +189,18 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
         set_rng_state(blob["rng"])
     trackers = plan_trackers(cfg.logger, cfg.out, resume, mlflow_uri=cfg.mlflow_uri, wandb_project=cfg.wandb_project,
                              wandb_entity=cfg.wandb_entity)  # checked before the run folder is touched
-    out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
-    write_config(out / "config.yaml", {"command": "semi", **cfg.to_dict()})
-    trackers.start(step if resume else None).log_config({"command": "semi", **cfg.to_dict()})
-    save_split(out / SPLIT_FILE, run.labelled, run.unlabelled,
-               {"dataset": run.train.name, "train_images": len(run.train), "labels": cfg.labels, "seed": cfg.seed})
+    out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume, lock=lock)
+    checkpointed = LastCheckpoint(out / "last.ckpt", step if blob is not None else None)
+    with checkpointed.on_write_fault():
+        write_config(out / "config.yaml", {"command": "semi", **cfg.to_dict()})
+        trackers.start(step if resume else None).log_config({"command": "semi", **cfg.to_dict()})
+        save_split(out / SPLIT_FILE, run.labelled, run.unlabelled,
+                   {"dataset": run.train.name, "train_images": len(run.train), "labels": cfg.labels, "seed": cfg.seed})
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
     bar = tqdm(total=stop, initial=min(step, stop), desc=f"{cfg.method}+{cfg.adversary}", unit="step",
                disable=not progress, dynamic_ncols=True)
     record: dict[str, Any] = {}
-    with GracefulStop() as stopper:
+    with GracefulStop() as stopper, checkpointed.on_write_fault():
         while step < stop:
             chunk = min(cfg.eval_every - step % cfg.eval_every, stop - step)
             record, seconds, done = _train_interval(cfg, run, ema, optimizer, scheduler, streams, step, chunk, bar,
@@ -199,26 +210,33 @@ def train_semi(cfg: SemiConfig, resume: bool = False, overwrite: bool = False,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "streams": {k: s.state_dict() for k, s in streams.items()}, "step": step, "elapsed": elapsed}
             if done < chunk:  # a signal: save where we are (the interval's statistics restart on resume)
-                atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
+                _save(_checkpoint(cfg, run, state), checkpointed)
                 bar.close()
                 raise TrainingStopped(stopper.signum, step, out / "last.ckpt")
-            _log_interval(cfg, run, ema, record, state, out, bar)
+            _log_interval(cfg, run, ema, record, state, checkpointed, bar)
             trackers.log_metrics(record, step)
     bar.close()
     trackers.close()
     return record
 
 
-def _log_interval(cfg: SemiConfig, run: _Run, ema: EMA, record: dict[str, Any], state: dict[str, Any], out: Path,
-                  bar: Any) -> None:
+def _log_interval(cfg: SemiConfig, run: _Run, ema: EMA, record: dict[str, Any], state: dict[str, Any],
+                  checkpointed: LastCheckpoint, bar: Any) -> None:
     """Evaluate the EMA model, write last.ckpt, then the metrics line."""
     step, elapsed = state["step"], state["elapsed"]
     record.update(_evaluate(run, ema), step=step, time=elapsed)
-    atomic_torch_save(_checkpoint(cfg, run, state), out / "last.ckpt")
+    _save(_checkpoint(cfg, run, state), checkpointed)
     # after the checkpoint: a run killed in between loses a line rather than logging a step twice on resume
-    MetricsLog(out / "metrics.jsonl").write(record)
+    MetricsLog(checkpointed.path.parent / "metrics.jsonl").write(record)
     if "test_top1" in record:
         bar.set_postfix(loss=f"{record['loss']:.3f}", ema_top1=f"{record['test_top1']:.2f}")
+
+
+def _save(blob: dict[str, Any], checkpointed: LastCheckpoint) -> None:
+    """Write last.ckpt atomically and note its step (what a later write fault reports as intact)."""
+    with reporting_write_faults("the checkpoint", checkpointed.path):
+        atomic_torch_save(blob, checkpointed.path)
+    checkpointed.step = blob["step"]
 
 
 def _checkpoint(cfg: SemiConfig, run: _Run, state: dict[str, Any]) -> dict[str, Any]:

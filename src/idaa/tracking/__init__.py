@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from idaa.errors import IdaaError
-from idaa.fileio import atomic_write_bytes
+from idaa.fileio import atomic_write_bytes, reporting_write_faults, write_fault
 from idaa.tracking.backends import (
     CsvTracker,
     MlflowTracker,
@@ -141,7 +141,8 @@ class Trackers:
                 self.backends.remove(backend)
         if save and self.run_dir is not None and state:
             text = (json.dumps({**self.saved, **state}, indent=2) + "\n").encode()
-            atomic_write_bytes(self.run_dir / STATE_FILE, lambda handle: handle.write(text))
+            with reporting_write_faults("the tracker ids", self.run_dir / STATE_FILE):
+                atomic_write_bytes(self.run_dir / STATE_FILE, lambda handle: handle.write(text))
         if self.backends:
             atexit.register(self._interrupted)
         return self
@@ -169,13 +170,20 @@ class Trackers:
         atexit.unregister(self._interrupted)
 
     def _interrupted(self) -> None:  # the process ends without a close(): a signal or an error stopped training
-        self.close("KILLED")
+        try:
+            self.close("KILLED")
+        except IdaaError:  # a disk refusing the trackers' last flush: the run has already said why it stopped
+            pass
 
     def _each(self, method: str, *args: Any) -> None:
         for backend in list(self.backends):
             try:
                 getattr(backend, method)(*args)
-            except Exception as exc:  # the run folder has everything: never stop training for a tracker
+            except Exception as exc:  # the run folder has everything: never stop training for a tracker...
+                fault = write_fault(exc, f"the {backend.name} tracker's output", getattr(exc, "filename", None)
+                                    or self.run_dir)
+                if fault is not None:  # ...unless the disk refused the write: the run's own files are next
+                    raise fault from None
                 _warn(backend.name, exc)
                 self.backends.remove(backend)
 

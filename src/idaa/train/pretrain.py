@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,22 @@ from idaa.data.feeds import make_feed, stopped_by_bad_image
 from idaa.data.sources import Dataset, open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import tune_cpu_allocator
-from idaa.errors import IdaaError
+from idaa.errors import IdaaError, WriteFault
+from idaa.fileio import reporting_write_faults
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
 from idaa.tracking import Trackers, plan_trackers
 from idaa.train.config import PretrainConfig
 from idaa.train.monitor import KNNMonitor
-from idaa.train.run_dir import MetricsLog, atomic_torch_save, prepare_run_dir, remove_stale_temporaries, write_config
+from idaa.train.run_dir import (
+    LastCheckpoint,
+    MetricsLog,
+    RunLock,
+    atomic_torch_save,
+    prepare_run_dir,
+    remove_stale_temporaries,
+    write_config,
+)
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 from idaa.train.step import apply_speedups, attack_at, forward_backward, to_memory_format
 
@@ -79,15 +89,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     """Train `cfg.method` with `cfg.adversary`; returns the last metrics record ({} if nothing was left to do).
 
     `last.ckpt` (written atomically) holds everything a resumed run needs to continue bit-exactly, including
-    the position inside an interrupted epoch. Raises TrainingStopped after a SIGTERM/SIGINT-triggered save.
+    the position inside an interrupted epoch. Raises TrainingStopped after a SIGTERM/SIGINT-triggered save and
+    WriteFault when the disk refuses a write. Rank 0 holds the run folder's lock (RUN/.lock) until it returns.
     """
     cfg.validate()
     tune_cpu_allocator()
     created_group = not dist.active()
     device = dist.setup(cfg.device)
     created_group = created_group and dist.active()
+    lock = RunLock(cfg.out)  # taken by rank 0 before it writes anything (prepare_run_dir)
     try:
-        record = _pretrain(cfg, device, resume, overwrite, progress)
+        record = _pretrain(cfg, device, resume, overwrite, progress, lock)
         if cfg.embed_map and dist.is_main():
             from idaa.analysis.embed import map_after_training  # lazily: reads last.ckpt like any analysis
 
@@ -95,12 +107,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         dist.barrier()  # every rank is done before any tears the group down
         return record
     finally:
+        lock.release()
         if created_group:
             dist.teardown()
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite: bool,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, lock: RunLock) -> dict[str, Any]:
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     if cfg.batch_size % world:
         raise IdaaError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
@@ -172,23 +185,25 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
             if rank:
                 seed_everything(cfg.seed + 1_000_003 * rank + step)
     out, failure, trackers = Path(cfg.out), None, Trackers()  # only rank 0 logs to trackers
+    checkpointed = LastCheckpoint(last_path, step if blob is not None else None)
     if main:  # only rank 0 touches the run folder; a refusal there stops every rank
         try:  # trackers are checked (extras, MLflow reachable) before the run folder is touched
             trackers = plan_trackers(cfg.logger, cfg.out, resume, mlflow_uri=cfg.mlflow_uri,
                                      wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity)
-            out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume)
-            remove_stale_temporaries(out)
-            config = {"command": "pretrain", **dataclasses.asdict(cfg)}
-            write_config(out / "config.yaml", config)
-            trackers.start(step if resume else None).log_config(config)
+            out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume, lock=lock)
+            with checkpointed.on_write_fault():
+                remove_stale_temporaries(out)
+                config = {"command": "pretrain", **dataclasses.asdict(cfg)}
+                write_config(out / "config.yaml", config)
+                trackers.start(step if resume else None).log_config(config)
+                if resume:
+                    MetricsLog(out / "metrics.jsonl").truncate_after(step)
         except IdaaError as exc:
-            failure = str(exc)
+            failure = exc
     failure = dist.broadcast_object(failure)
     if failure:
-        raise IdaaError(failure)
+        raise failure
     log = MetricsLog(out / "metrics.jsonl")
-    if resume and main:
-        log.truncate_after(step)
     data_meta = {"name": train.name, "image_size": train.image_size, "channels": train.channels,
                  "mean": list(train.mean), "std": list(train.std), "num_classes": len(train.classes)}
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -198,14 +213,15 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     def save(path: Path, epoch_done: int, rng: dict[str, Any], where: dict[str, Any] | None) -> None:
         """Every rank calls this (their RNG states are gathered); rank 0 writes."""
         rng_ranks = dist.gather_objects(rng)
-        if not main:
-            return
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
-                           "world_size": world, "rng_ranks": rng_ranks if world > 1 else None, "vae": vae_ref,
-                           "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                           "epoch": epoch_done, "step": step, "position": where, "rng": rng,
-                           "elapsed": elapsed_before + time.perf_counter() - start, **clock}, path)
+        state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
+                 "world_size": world, "rng_ranks": rng_ranks if world > 1 else None, "vae": vae_ref,
+                 "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                 "step": step, "position": where, "rng": rng,
+                 "elapsed": elapsed_before + time.perf_counter() - start, **clock}
+        _on_rank0(_save_checkpoint, state, path)  # a failed save stops the run: it never trains on unsaved
+        if path == last_path:
+            checkpointed.step = step
 
     total_steps = steps_per_epoch * cfg.epochs
     total = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
@@ -217,7 +233,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     clock = {"train_time": float(blob.get("train_time", elapsed_before)) if blob is not None else 0.0,
              "monitor_time": float(blob.get("monitor_time", 0.0)) if blob is not None else 0.0}
     start, record, skipped = time.perf_counter(), {}, 0
-    with GracefulStop() as stopper:
+    with GracefulStop() as stopper, checkpointed.on_write_fault():
         for epoch in range(start_epoch, cfg.epochs + 1):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
@@ -306,9 +322,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                 if main:
                     bar.write(f"epoch {epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
             record.update(clock)
-            if main:
-                log.write(record)
-                trackers.log_metrics(record, step)
+            _on_rank0(_log_record, log, trackers, record, step)
             save(last_path, epoch - (not complete), rng, where)
             if complete and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
                 save(out / f"epoch{epoch:04d}.ckpt", epoch, rng, None)
@@ -317,6 +331,31 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     bar.close()
     trackers.close()
     return record
+
+
+def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint atomically; a refused write is a one-line WriteFault naming it."""
+    with reporting_write_faults("the checkpoint", path):
+        atomic_torch_save(state, path)
+
+
+def _log_record(log: MetricsLog, trackers: Trackers, record: dict[str, Any], step: int) -> None:
+    """The epoch's metrics line, then the trackers (rank 0's part of the epoch's end)."""
+    log.write(record)
+    trackers.log_metrics(record, step)
+
+
+def _on_rank0(write: Callable[..., object], *args: Any) -> None:
+    """`write(*args)` on rank 0; a write fault there stops every rank at the same point (else they would hang)."""
+    fault = None
+    if dist.is_main():
+        try:
+            write(*args)
+        except WriteFault as exc:
+            fault = str(exc)
+    fault = dist.broadcast_object(fault)
+    if fault:
+        raise WriteFault(fault)
 
 
 def _shuffle(n: int, device: torch.device) -> torch.Tensor:

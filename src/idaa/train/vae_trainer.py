@@ -17,10 +17,11 @@ from idaa.data.sources import Dataset, StreamOptions, open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
+from idaa.fileio import reporting_write_faults
 from idaa.imaging import save_grid, stretch, to_unit_range
 from idaa.nets.vae import VAE, save_vae, vae_loss
 from idaa.tracking import parse_loggers, plan_trackers
-from idaa.train.run_dir import MetricsLog, prepare_run_dir, write_config
+from idaa.train.run_dir import LastCheckpoint, MetricsLog, RunLock, prepare_run_dir, write_config
 
 
 @dataclass
@@ -87,8 +88,18 @@ def evaluate_vae(vae: VAE, views: torch.Tensor, beta: float, batch_size: int = 5
 
 
 def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
-    """Train, log every epoch to metrics.jsonl, save vae.pt (atomically), a x / G(x) / R(x) grid and the report."""
+    """Train, log every epoch to metrics.jsonl, save vae.pt (atomically), a x / G(x) / R(x) grid and the report.
+
+    The run folder's lock is held from before the first write to the end; a refused write is a WriteFault.
+    """
     cfg.validate()
+    saved = LastCheckpoint(Path(cfg.out) / "vae.pt", unit="epoch",
+                           resume="use it, or train again with --overwrite (VAE training has no resume)")
+    with RunLock(cfg.out) as lock, saved.on_write_fault():
+        return _train_vae(cfg, lock, saved)
+
+
+def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dict[str, float]:
     device = resolve_device(cfg.device)
     train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources)
     if cfg.limit is not None:
@@ -99,7 +110,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     vae = VAE(train.image_size, train.channels, cfg.latent_dim, cfg.hidden).to(device)
     trackers = plan_trackers(cfg.logger, cfg.out)  # checked before the run folder is touched
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, lock=lock)
     write_config(out / "config.yaml", {"command": "vae train", **asdict(cfg), "train_images": len(train)})
     trackers.start().log_config({"command": "vae train", **asdict(cfg), "train_images": len(train)})
     log = MetricsLog(out / "metrics.jsonl")
@@ -148,7 +159,9 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
                   "time": time.perf_counter() - start, **feed.end_epoch(bar.write)}
         log.write(result)
         trackers.log_metrics(result, step)
-        save_vae(vae, out / "vae.pt", {**meta, "epochs": epoch})
+        with reporting_write_faults("the VAE", saved.path):
+            save_vae(vae, saved.path, {**meta, "epochs": epoch})
+        saved.step = epoch
     bar.close()
     vae.eval()
     spread = eval_views[:: max(len(eval_views) // 16, 1)][:16]  # held-out sets come sorted by class: stride
