@@ -300,3 +300,31 @@ def test_under_two_gloo_processes_only_rank_0_locks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert log.read_text() == "0\n"
     assert read_holder(folder / ".lock")["host"] == socket.gethostname()
+
+
+@pytest.mark.parametrize("command", [
+    ["semi", "--dataset", "digits", "--limit", "100", "--backbone", "wrn10-1", "--labels", "20", "--steps", "2",
+     "--no-progress"],
+    ["vae", "train", "--dataset", "digits", "--limit", "64", "--epochs", "1", "--latent-dim", "8", "--hidden", "16",
+     "--batch-size", "32", "--no-progress"]])
+def test_semi_and_vae_training_take_the_lock_too(command, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = hold_lock(folder)  # a writer that has only just started: the folder holds nothing but its lock
+    try:
+        code, _, err = run([*command, "--out", folder], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and one_line(err) and f"is in use by pid {holder.pid} " in err, err
+    assert [p.name for p in folder.iterdir()] == [".lock"]
+
+
+def test_semi_on_a_full_disk_says_nothing_was_saved_yet(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    fill_disk_on(monkeypatch, "last.ckpt", nth=1)
+    code, _, err = run(["semi", "--dataset", "digits", "--limit", "100", "--backbone", "wrn10-1", "--labels", "20",
+                        "--batch-size", "8", "--mu", "2", "--steps", "2", "--no-progress", "--out", folder], capsys)
+    assert code == 75 and one_line(err), err
+    assert "while writing the checkpoint" in err and "no checkpoint was written yet" in err
+    assert not (folder / "last.ckpt").exists() and not list(folder.glob(".last.ckpt.*"))
