@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from idaa.adversaries import Adversary, build_adversary
 from idaa.checkpoints import build_from_config, load_method
 from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
+from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -114,6 +115,7 @@ def load_attack_setup(checkpoint: str | None, vae_path: str | None, dataset: str
     data = open_dataset(name, data_dir, split, options=checkpoint_options(cfg, own_data, sources), default_size=size)
     if checkpoint is not None and split == "train" and name == cfg.get("dataset") and cfg.get("limit"):
         data = data.take(min(cfg["limit"], len(data)), seed=cfg.get("seed", 0))  # the run's own training subset
+    data = readable(data)  # under --bad-images skip without the files that do not decode
     check_vae_fits(vae, data.name, data.image_size, data.mean, data.std)
     if checkpoint is not None and blob.get("data", {}).get("image_size", data.image_size) != data.image_size:
         raise IdaaError(f"checkpoint was trained on {blob['data']['image_size']} px images, '{name}' has "

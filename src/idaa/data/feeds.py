@@ -18,6 +18,7 @@ from idaa.data.datasets import ImageDataset
 from idaa.data.formats import DataError
 from idaa.data.sources import Dataset, StreamingDataset
 from idaa.data.streaming import EpochBatches, channels_first, image_loader
+from idaa.data.unreadable import Screen
 from idaa.data.views import crop_scale
 
 __all__ = ["Batch", "StreamFeed", "TensorFeed", "make_feed"]
@@ -41,6 +42,7 @@ class TensorFeed:
                  rank: int = 0) -> None:
         self.images = data.images.to(device)
         self.batch_size, self.local_batch, self.rank = batch_size, local_batch, rank
+        self.screen = Screen("error", device)  # decoded already: nothing is ever left out
         self.failure: str | None = None
 
     def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
@@ -69,8 +71,12 @@ class StreamFeed:
         self.sampler = EpochBatches()
         self.dataset = data.crop_dataset(self.scale, self.views)
         self.loader = image_loader(self.dataset, self.sampler, data.options.num_workers, device)
-        self.failure: str | None = None
-        self.skipped: list[str] = []
+        self.screen = Screen(data.options.bad_images, device)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last pass stopped early (an unreadable image under --bad-images error), or None."""
+        return self.screen.failure
 
     def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
         """The epoch's batches for this rank from batch `first` on; stops early (setting `failure`) on a bad file."""
@@ -78,30 +84,22 @@ class StreamFeed:
         rows = [order[i * self.batch_size + self.rank * self.local_batch:][:self.local_batch].tolist()
                 for i in range(first, len(order) // self.batch_size)]
         self.sampler.set(epoch if self.crops else None, rows)
-        self.failure = None
-        yield from screened_batches(self, self.loader, self.data.options.bad_images, self.views)
+        yield from screened_batches(self, self.loader, self.views, first)
 
     def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
-        """Report (and reset) the images skipped this epoch under --bad-images skip."""
-        if not self.skipped:
-            return {}
-        count, self.skipped = len(self.skipped), []
-        write(f"idaa: warning: skipped {count} unreadable image(s) this epoch")
-        return {"bad_images": count}
+        """The images left out this epoch under --bad-images skip ({} when none), with a warning."""
+        return self.screen.report(write)
 
 
-def screened_batches(feed: Any, loader: Any, bad_images: str, views: int) -> Iterator[Batch]:
-    """Device batches from a loader's (crops, labels, indices, errors): stop on an unreadable image (setting
-    `feed.failure`, every rank at the same step) or, under --bad-images skip, drop it and count it."""
+def screened_batches(feed: Any, loader: Any, views: int, first: int = 0) -> Iterator[Batch]:
+    """Device batches from a loader's (crops, labels, indices, errors) through `feed.screen`: stop on an unreadable
+    image (every rank at the same step) or, under --bad-images skip, leave it out: the batch is shorter."""
+    feed.screen.start(first)
     for crops, _, index, errors in loader:
-        bad = [e for e in errors if e]
-        if bad_images == "error":
-            if dist.max_int(int(bool(bad)), feed.device):
-                feed.failure = bad[0] if bad else "another process met an unreadable image"
-                return
-        elif bad:
-            feed.skipped += bad
-            keep = torch.tensor([not e for e in errors])
+        keep = feed.screen.keep(errors)
+        if keep is None:
+            return
+        if not bool(keep.all()):
             crops, index = crops[keep], index[keep]
         crops = channels_first(crops, feed.device)
         if not feed.crops:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from idaa.data.formats import IMAGE_EXTENSIONS, DataError, channel_stats
 from idaa.data.layouts import Listing, has_test_split, layout_name, read_layout
 from idaa.data.streaming import center_crop, crop_views, stack_crops
+from idaa.data.unreadable import Screen, without_unreadable
 from idaa.devices import release_free_memory
 from idaa.errors import WriteFault
 from idaa.fileio import reporting_write_faults
@@ -220,12 +221,16 @@ class ShardSource:
         return ShardBatches(_ShardStream(mine, spec), workers, steps - first)
 
     def eval_batches(self, rank: int, world: int, batch_size: int = 256, workers: int = 0) -> Iterator[Batch]:
-        """Centre crops of this rank's shards (every image once over all ranks; a rank may get none)."""
+        """Centre crops of this rank's shards (every image once over all ranks; a rank may get none); under
+        --bad-images skip without the images that do not decode."""
         mine = list(zip(self.shards, self.counts, strict=True))[rank::world]
         if not mine:
             return iter(())
         spec = {"mode": "eval", "batch": batch_size, "size": self.image_size}
-        return iter(ShardBatches(_ShardStream(mine, spec), min(workers, len(mine)), None))
+        batches = iter(ShardBatches(_ShardStream(mine, spec), min(workers, len(mine)), None))
+        if getattr(self.options, "bad_images", "error") == "skip":  # left out with their labels, never zeros
+            return map(without_unreadable, batches)
+        return batches
 
 
 class ShardBatches:
@@ -293,7 +298,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                         source, index, s["epoch"], s["seed"], s["size"], s["scale"], s["views"])
                 except DataError as exc:
                     error = str(exc)
-            if crop is None:  # the caller stops or skips on the error, as with the folder stream
+            if crop is None:  # fills the row only: the caller stops or leaves it out, as with the folder stream
                 shape = (3,) if centre else (s["views"], 3)
                 crop = torch.zeros((*shape, s["size"], s["size"]), dtype=torch.uint8)
             crops.append(crop)
@@ -351,24 +356,23 @@ class ShardFeed:
         self.data, self.device, self.local_batch, self.rank, self.world = data, device, local_batch, rank, world
         self.scale, self.views, self.workers, self.seed, self.bad_images = scale, views, workers, seed, bad_images
         self.crops = scale is not None
-        self.failure: str | None = None
-        self.skipped: list[str] = []
+        self.screen = Screen(bad_images, device)
         data.check_readers(world, workers)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last pass stopped early (an unreadable image under --bad-images error), or None."""
+        return self.screen.failure
 
     def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Any]:
         """This rank's batches of `epoch` from batch `first` on; stops early (setting `failure`) on a bad image."""
         from idaa.data.feeds import screened_batches
 
-        self.failure = None
         views = self.views if self.crops else 1
         loader = self.data.train_loader(epoch, self.seed, self.local_batch, self.rank, self.world, self.workers,
                                         self.scale, views, first)
-        yield from screened_batches(self, loader, self.bad_images, views)
+        yield from screened_batches(self, loader, views, first)
 
     def end_epoch(self, write: Any = print) -> dict[str, int]:
-        """Report (and reset) the images skipped this epoch under --bad-images skip."""
-        if not self.skipped:
-            return {}
-        count, self.skipped = len(self.skipped), []
-        write(f"idaa: warning: skipped {count} unreadable image(s) this epoch")
-        return {"bad_images": count}
+        """The images left out this epoch under --bad-images skip ({} when none), with a warning."""
+        return self.screen.report(write)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch
 from idaa.data.datasets import ImageDataset, balanced_indices, load_dataset
 from idaa.data.formats import IMAGE_EXTENSIONS, DataError
 from idaa.data.streaming import BAD_IMAGES, CropDataset, EpochBatches, default_workers, image_loader
+from idaa.data.unreadable import warn
 
-__all__ = ["StreamOptions", "StreamedImages", "StreamingDataset", "open_dataset"]
+__all__ = ["StreamOptions", "StreamedImages", "StreamingDataset", "labelled_batches", "open_dataset"]
 
 LISTING_VERSION = 1
 SMALL_SIDE = 128  # uniform images up to this side (and within MEMORY_BYTES) are decoded whole into memory
@@ -131,20 +131,33 @@ class StreamedImages:
         return StreamedImages(self.data, self.rows[_rows(index, len(self.rows))])
 
     def split(self, batch_size: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
-        """uint8 batches in order, decoded by DataLoader workers; unreadable files stop it or become zeros."""
+        """uint8 batches in order, decoded by DataLoader workers; a file that does not decode stops it (one line)."""
+        for crops, _, errors in self._decoded(batch_size, device):
+            bad = next((e for e in errors if e), None)
+            if bad:  # under skip, `unreadable.readable` leaves such files out first; this one changed since
+                raise DataError(f"{bad} (--bad-images skip leaves it out; `idaa data check FOLDER` names them all)")
+            yield crops.contiguous()  # channels first, as the in-memory images are
+
+    def labelled_split(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) batches in order; under --bad-images skip an image that does not decode is left
+        out with its label (the kNN monitor's bank and queries), else it stops them as in `split`."""
+        if self.data.options.bad_images != "skip":
+            labels = self.data.labels[torch.from_numpy(self.rows)]
+            yield from zip(self.split(batch_size), labels.split(batch_size), strict=True)
+            return
+        for crops, labels, errors in self._decoded(batch_size, None):
+            keep = torch.tensor([not e for e in errors])
+            yield crops[keep].contiguous(), labels[keep]
+
+    def _decoded(self, batch_size: int, device: torch.device | None) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                                                      list[str]]]:
+        """(centre crops, labels, errors) batches in order; a file that does not decode has an error, no pixels."""
         batches = EpochBatches()
         batches.set(None, [self.rows[i:i + batch_size].tolist() for i in range(0, len(self.rows), batch_size)])
         workers = min(self.data.options.num_workers, max(len(batches) - 1, 0))
         loader = image_loader(self.data.crop_dataset(), batches, workers, device or torch.device("cpu"))
-        skipped: list[str] = []
-        for crops, _, _, errors in loader:
-            bad = [e for e in errors if e]
-            if bad and self.data.options.bad_images == "error":
-                raise DataError(f"{bad[0]} (--bad-images skip uses zero pixels for it instead)")
-            skipped += bad
-            yield crops.contiguous()  # channels first, as the in-memory images are
-        if skipped:
-            warn(f"{len(skipped)} unreadable image(s) replaced by zeros, e.g. {skipped[0]}")
+        for crops, labels, _, errors in loader:
+            yield crops, labels, errors
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         """Decode all of them into one tensor on `device` (for the few places that keep a set on the device)."""
@@ -161,6 +174,14 @@ class StreamedImages:
 
 
 Dataset = ImageDataset | StreamingDataset
+
+
+def labelled_batches(data: Dataset, rows: slice, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) batches of `data[rows]` in order; a streamed image that does not decode is left out
+    with its label under --bad-images skip (see `StreamedImages.labelled_split`)."""
+    if isinstance(data, StreamingDataset):
+        return data.images[rows].labelled_split(batch_size)
+    return zip(data.images[rows].split(batch_size), data.labels[rows].split(batch_size), strict=True)
 
 
 def open_dataset(name: str, data_dir: str | Path | None = None, split: str = "train", download: bool = False,
@@ -215,11 +236,6 @@ def _open_shards(folder: str | Path, split: str, options: StreamOptions, size: i
     source = ShardSource(folder, split, image_size=options.image_size or size or DEFAULT_STREAM_SIZE)
     source.options = options
     return source
-
-
-def warn(message: str) -> None:
-    """A counted, one-line warning on stderr (bad images skipped)."""
-    print(f"idaa: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- listing

@@ -424,8 +424,9 @@ def image_loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, 
 class CropDataset(torch.utils.data.Dataset):
     """Files -> uint8 crops: keys are (epoch, index) for `views` random crops, or an index for the centre crop.
 
-    A sample is (crops, label, index, error): an unreadable file gives zero pixels and the error message, so
-    the caller decides between stopping and skipping without a worker traceback.
+    A sample is (crops, label, index, error): an unreadable file gives its error message (its validity flag) and
+    blank pixels only to fill its row, which the caller never uses: it stops, or leaves the row out under
+    --bad-images skip (`idaa.data.unreadable`), so there is no worker traceback and no zero image in training.
     """
 
     def __init__(self, files: Sequence[str | Path], labels: Sequence[int], size: int, seed: int = 0,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from idaa.checkpoints import load_method
 from idaa.data.sources import StreamOptions, checkpoint_options, open_dataset
+from idaa.data.unreadable import readable
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -80,7 +81,7 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
     limit = limit if limit is not None else (cfg.get("limit") if dataset is None else None)
     if limit is not None:
         train = train.take(min(limit, len(train)), seed=cfg.get("seed", 0))
-    test = open_dataset(name, root, split="test", options=options, like=train)
+    train, test = readable(train), readable(open_dataset(name, root, split="test", options=options, like=train))
     if train.image_size != blob["data"]["image_size"]:
         raise IdaaError(f"checkpoint was trained on {blob['data']['image_size']} px images, '{name}' has "
                         f"{train.image_size} px")

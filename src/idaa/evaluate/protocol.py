@@ -16,6 +16,7 @@ import torch
 
 from idaa.checkpoints import load_method
 from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
+from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -69,7 +70,7 @@ def check_options(opts: LinearEvalOptions) -> None:
 def _labelled(data: Dataset, split: str) -> Dataset:
     if len(data) == 0 or bool((data.labels < 0).any()):
         raise IdaaError(f"linear evaluation needs labelled images; the {data.name} {split} split has unlabelled ones")
-    return data
+    return readable(data)  # under --bad-images skip without the files that do not decode
 
 
 def transfer_tag(dataset: str, data_dir: str | None) -> str:

@@ -99,8 +99,9 @@ def run_pretrain(args: argparse.Namespace) -> None:
         print(f"pretrain: nothing to do, {cfg.out} has already trained {cfg.epochs} epochs")
         return
     knn = f"  kNN top-1 {result['knn_top1']:.2f}%" if "knn_top1" in result else ""
+    bad = f"  {result['bad_images']} unreadable image(s) skipped in the last epoch" if "bad_images" in result else ""
     print(f"pretrain: epoch {result.get('epoch')}  step {result.get('step')}  loss {result.get('loss', 0):.4f}"
-          f"{knn}  -> {cfg.out}")
+          f"{knn}{bad}  -> {cfg.out}")
 
 
 def parse_options(items: list[str]) -> dict[str, object]:

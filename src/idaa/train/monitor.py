@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from idaa import distributed as dist
+from idaa.data.sources import labelled_batches
 from idaa.data.views import build_view_policy
 from idaa.errors import IdaaError
 from idaa.evaluate.knn import knn_predict
@@ -79,7 +80,7 @@ def _share(source: Any, rank: int, world: int, workers: int) -> Iterator[tuple[t
     """(uint8 images, labels) batches of this rank's share: a block of an in-memory dataset, or a stream's share."""
     if not hasattr(source, "eval_batches"):
         block = rank_share(len(source), rank, world)
-        yield from zip(source.images[block].split(BATCH), source.labels[block].split(BATCH), strict=True)
+        yield from labelled_batches(source, block, BATCH)  # unreadable files left out under skip
         return
     for images, labels, _, errors in source.eval_batches(rank, world, BATCH, workers):
         bad = next((e for e in errors if e), None)

@@ -217,7 +217,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
                  "world_size": world, "rng_ranks": rng_ranks if world > 1 else None, "vae": vae_ref,
                  "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                 "step": step, "position": where, "rng": rng,
+                 "step": step, "position": where and {**where, "bad_images": feed.screen.left_out}, "rng": rng,
                  "elapsed": elapsed_before + time.perf_counter() - start, **clock}
         _on_rank0(_save_checkpoint, state, path)  # a failed save stops the run: it never trains on unsaved
         if path == last_path:
@@ -241,6 +241,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
             if position is not None and position["epoch"] == epoch:  # continue inside an interrupted epoch
                 order, first = position["order"].to(device), position["batch"]
                 sums, seen, prior = position["sums"].to(device), position["seen"], position["seconds"]
+                feed.screen.left_out = position.get("bad_images", 0)  # images left out before the interruption
             else:
                 order, first = _shuffle(len(train), device), 0
                 sums, seen, prior = torch.zeros(3, device=device), 0, 0.0
