@@ -1,15 +1,18 @@
-"""`idaa data`: the argument parser of the data tools (`pack`, `list`) and their handlers."""
+"""`idaa data`: the argument parser of the data tools (`pack`, `list`, `check`) and their handlers."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from idaa.data.formats import DataError
+from idaa.data.layouts import LAYOUTS, has_test_split, read_layout
+from idaa.data.streaming import default_workers
+from idaa.data.unreadable import find_unreadable, header_problems
+
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `idaa data pack|list` on the top-level subcommand parser."""
-    from idaa.data.layouts import LAYOUTS
-
+    """Register `idaa data pack|list|check` on the top-level subcommand parser."""
     data = subparsers.add_parser("data", help="dataset tools: WebDataset shards, layout listings")
     group = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
     layouts = ", ".join(LAYOUTS)
@@ -27,6 +30,13 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts}, or shards (default: folder)")
     show.add_argument("--test-fraction", type=float, default=None)
     show.add_argument("--seed", type=int, default=0)
+    check = group.add_parser("check", help="decode every image of a folder, name the ones that do not decode "
+                             "(exit 2 when any)")
+    check.add_argument("folder")
+    check.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts} (default: folder)")
+    check.add_argument("--workers", type=int, default=None,
+                       help="processes decoding the images (default: the cores less one)")
+    check.add_argument("--no-progress", action="store_true")
 
 
 def run_data(args: argparse.Namespace) -> None:
@@ -39,16 +49,36 @@ def run_data(args: argparse.Namespace) -> None:
         parts = [f"{name} {s['images']} images in {len(s['shards'])} shards" for name, s in index["splits"].items()]
         print(f"pack: {', '.join(parts)}, {len(index['classes'])} classes -> {args.out}")
         return
+    if args.data_command == "check":
+        check_folder(args.dataset, args.folder, args.workers, progress=not args.no_progress)
+        return
     if args.dataset == "shards":
         _list_shards(args.folder)
         return
-    from idaa.data.layouts import has_test_split, read_layout
-
     splits = ("train", "test") if has_test_split(args.dataset, args.folder, args.test_fraction) else ("train",)
     for split in splits:
         listing = read_layout(args.dataset, args.folder, split, args.test_fraction, args.seed)
         labelled = f"{len(listing.classes)} classes" if listing.classes else "unlabelled"
-        print(f"{split}: {len(listing.files)} images, {labelled}")
+        empty, unreadable = header_problems(listing.files)
+        problems = f", {empty} zero-byte and {unreadable} unreadable file(s) (`idaa data check` names them)" \
+            if empty or unreadable else ""
+        print(f"{split}: {len(listing.files)} images, {labelled}{problems}")
+
+
+def check_folder(layout: str, folder: str, workers: int | None = None, progress: bool = False) -> None:
+    """Decode every image file of a folder's splits; print each one that does not decode (path: reason), then
+    a summary. Raises DataError (exit 2) when any does not, so a script can test the folder before training."""
+    if workers is not None and workers < 0:
+        raise DataError(f"--workers must be an integer >= 0, got {workers}")
+    splits = ("train", "test") if has_test_split(layout, folder, None) else ("train",)
+    files = list(dict.fromkeys(str(f) for split in splits for f in read_layout(layout, folder, split).files))
+    bad = find_unreadable(files, default_workers() if workers is None else workers, reuse=False, progress=progress)
+    for path, reason in bad.items():
+        print(f"{path}: {reason}")
+    if bad:
+        raise DataError(f"{len(bad)} of {len(files)} image files in '{folder}' do not decode (listed above); remove "
+                        "or replace them, or train with --bad-images skip, which leaves them out")
+    print(f"check: all {len(files)} image files in '{folder}' decode")
 
 
 def _list_shards(folder: str) -> None:
