@@ -187,3 +187,16 @@ def test_two_ranks_skip_in_step(tmp_path: Path) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["bad_images"] for r in records(tmp_path / "ddp").values()] == [1, 1]
+
+
+def test_vae_and_semi_read_every_image_whole_and_leave_bad_ones_out(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    data, _ = bad_folder(tmp_path / "data")
+    (data / "test" / "dog" / "bad.jpg").write_bytes((data / "test" / "dog" / "1.jpg").read_bytes()[:-200])
+    flags = ["--dataset", "folder", "--data-dir", data, "--image-size", "16", "--workers", "0", "--bad-images", "skip",
+             "--no-progress"]
+    assert run(["vae", "train", *flags, "--latent-dim", "4", "--hidden", "4", "--epochs", "1", "--batch-size", "4",
+                "--out", tmp_path / "vae"]) == 0  # the held-out split without its truncated image
+    assert run(["semi", *flags, "--backbone", "wrn10-1", "--batch-size", "4", "--mu", "1", "--labels", "4",
+                "--steps", "2", "--out", tmp_path / "semi"]) == 0, capsys.readouterr().err
+    assert "left out 1 unreadable image(s)" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import torch
 from idaa.data.datasets import ImageDataset, balanced_indices, load_dataset
 from idaa.data.formats import IMAGE_EXTENSIONS, DataError
 from idaa.data.streaming import BAD_IMAGES, CropDataset, EpochBatches, default_workers, image_loader
-from idaa.data.unreadable import warn
+from idaa.data.unreadable import warn, without_unreadable
 
 __all__ = ["StreamOptions", "StreamedImages", "StreamingDataset", "labelled_batches", "open_dataset"]
 
@@ -132,10 +132,12 @@ class StreamedImages:
 
     def split(self, batch_size: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
         """uint8 batches in order, decoded by DataLoader workers; a file that does not decode stops it (one line)."""
-        for crops, _, errors in self._decoded(batch_size, device):
+        for crops, _, _, errors in self._loader(batch_size, device):
             bad = next((e for e in errors if e), None)
-            if bad:  # under skip, `unreadable.readable` leaves such files out first; this one changed since
-                raise DataError(f"{bad} (--bad-images skip leaves it out; `idaa data check FOLDER` names them all)")
+            if bad:  # under skip, `unreadable.readable` left such files out first: this one changed since
+                hint = "it changed after it was checked" if self.data.options.bad_images == "skip" else \
+                    "--bad-images skip leaves it out"
+                raise DataError(f"{bad} ({hint}; `idaa data check FOLDER` names every such file)")
             yield crops.contiguous()  # channels first, as the in-memory images are
 
     def labelled_split(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -145,19 +147,15 @@ class StreamedImages:
             labels = self.data.labels[torch.from_numpy(self.rows)]
             yield from zip(self.split(batch_size), labels.split(batch_size), strict=True)
             return
-        for crops, labels, errors in self._decoded(batch_size, None):
-            keep = torch.tensor([not e for e in errors])
-            yield crops[keep].contiguous(), labels[keep]
+        for crops, labels, _, _ in map(without_unreadable, self._loader(batch_size, None)):
+            yield crops.contiguous(), labels
 
-    def _decoded(self, batch_size: int, device: torch.device | None) -> Iterator[tuple[torch.Tensor, torch.Tensor,
-                                                                                      list[str]]]:
-        """(centre crops, labels, errors) batches in order; a file that does not decode has an error, no pixels."""
+    def _loader(self, batch_size: int, device: torch.device | None) -> torch.utils.data.DataLoader:
+        """(centre crops, labels, indices, errors) batches in order; a file that does not decode has an error."""
         batches = EpochBatches()
         batches.set(None, [self.rows[i:i + batch_size].tolist() for i in range(0, len(self.rows), batch_size)])
         workers = min(self.data.options.num_workers, max(len(batches) - 1, 0))
-        loader = image_loader(self.data.crop_dataset(), batches, workers, device or torch.device("cpu"))
-        for crops, labels, _, errors in loader:
-            yield crops, labels, errors
+        return image_loader(self.data.crop_dataset(), batches, workers, device or torch.device("cpu"))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         """Decode all of them into one tensor on `device` (for the few places that keep a set on the device)."""

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from idaa.adversaries import Adversary, build_adversary
 from idaa.data.sources import Dataset, open_dataset
+from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -114,8 +115,9 @@ def _load_data(cfg: SemiConfig) -> tuple[Dataset, Dataset | None]:
     train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
+    train = readable(train)  # decoded whole: under --bad-images skip without the files that do not decode
     try:
-        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources(), like=train)
+        test = readable(open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources(), like=train))
     except IdaaError:
         test = None
     return train, test if test is not None and bool((test.labels >= 0).all()) else None

@@ -14,6 +14,7 @@ from idaa.analysis.vae_report import write_vae_report
 from idaa.data.feeds import make_feed
 from idaa.data.formats import DataError
 from idaa.data.sources import Dataset, StreamOptions, open_dataset
+from idaa.data.unreadable import readable
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
@@ -69,7 +70,7 @@ def _held_out(cfg: VAETrainConfig, train: Dataset) -> Dataset:
         test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources, like=train)
     except IdaaError:
         test = train
-    return test.take(min(cfg.eval_images, len(test)), seed=cfg.seed)
+    return readable(test.take(min(cfg.eval_images, len(test)), seed=cfg.seed))  # no file that does not decode
 
 
 @torch.no_grad()
