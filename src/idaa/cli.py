@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from idaa.fileio import write_fault
         from idaa.train.state import TrainingStopped
 
-        fault = write_fault(exc, "", getattr(exc, "filename", None))  # a disk full anywhere else: still one line
+        fault = write_fault(exc, None, getattr(exc, "filename", None))  # a disk full anywhere else: one line too
         if fault is not None:
             print(f"idaa: error: {fault}", file=sys.stderr)
             return fault.exit_code

@@ -71,16 +71,18 @@ def _writable(fd: int, path: Path) -> IO[bytes]:
     return os.fdopen(fd, "wb")
 
 
-def write_fault(exc: BaseException, what: str, path: str | Path | None) -> WriteFault | None:
-    """A one-line WriteFault for an OSError the filesystem raised (what, where, free space); None for others."""
+def write_fault(exc: BaseException, what: str | None, path: str | Path | None) -> WriteFault | None:
+    """A one-line WriteFault for an OSError the filesystem raised (what, where, free space); None for others.
+
+    `what` None: the operation is unknown (an EIO may come from a read), so the line names only the file.
+    """
     if not isinstance(exc, OSError) or exc.errno not in FAULT_REASONS:
         return None
     where = path if path is not None else exc.filename
     if where is None:  # nothing names the file: the free space is the working folder's
-        target, where = what or "a file", "."
-    else:
-        target = f"{what} '{where}'" if what else f"'{where}'"
-    return WriteFault(f"{FAULT_REASONS[exc.errno]} while writing {target} ({free_space(where)})")
+        where = "."
+    doing = f"while writing {what} '{where}'" if what is not None else f"on '{where}'"
+    return WriteFault(f"{FAULT_REASONS[exc.errno]} {doing} ({free_space(where)})")
 
 
 @contextmanager

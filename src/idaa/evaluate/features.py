@@ -130,6 +130,5 @@ class FeatureCache:
             fault = None if exc.errno in _READ_ONLY else write_fault(exc, "the feature cache", path)
             if fault is None:  # a read-only run folder still gets its evaluation, just without a cache
                 return CachedFeatures(features, False, seconds, None)
-            raise WriteFault(f"{fault}; the checkpoint and earlier caches are intact: free space, then evaluate "
-                             "again") from None
+            raise WriteFault(f"{fault}; the checkpoint and earlier caches are intact: evaluate again") from None
         return CachedFeatures(features, False, seconds, path)

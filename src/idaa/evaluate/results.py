@@ -25,7 +25,7 @@ def write_result(path: str | Path, record: dict[str, Any]) -> Path:
     except OSError as exc:
         fault = write_fault(exc, "the evaluation result", path)
         if fault is not None:
-            raise WriteFault(f"{fault}; the checkpoint and earlier results are intact: free space, then evaluate "
-                             "again (cached features are reused)") from None
+            raise WriteFault(f"{fault}; the checkpoint and earlier results are intact: evaluate again "
+                             "(cached features are reused)") from None
         raise IdaaError(f"cannot write '{path}' ({exc.strerror or type(exc).__name__})") from None
     return path

@@ -109,10 +109,10 @@ class LastCheckpoint:
     resume: str = "resume with --resume"
 
     def intact(self) -> str:
-        """'last.ckpt at step 40 is intact: free space, then resume with --resume'."""
+        """'last.ckpt at step 40 is intact: resume with --resume' (the fault's own words say what to fix first)."""
         if self.step is None:
-            return "no checkpoint was written yet: free space, then start again with --overwrite"
-        return f"{self.path.name} at {self.unit} {self.step} is intact: free space, then {self.resume}"
+            return "no checkpoint was written yet: start again with --overwrite"
+        return f"{self.path.name} at {self.unit} {self.step} is intact: {self.resume}"
 
     @contextmanager
     def on_write_fault(self) -> Iterator[None]:
@@ -122,8 +122,7 @@ class LastCheckpoint:
         except WriteFault as fault:
             raise WriteFault(f"{fault}; {self.intact()}") from None
         except OSError as exc:
-            fault = write_fault(exc, "", exc.filename) if exc.filename else \
-                write_fault(exc, "into the run folder", self.path.parent)
+            fault = write_fault(exc, None, exc.filename or self.path.parent)
             if fault is None:
                 raise
             raise WriteFault(f"{fault}; {self.intact()}") from None
