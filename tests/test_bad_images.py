@@ -185,7 +185,7 @@ def test_two_ranks_skip_in_step(tmp_path: Path) -> None:
                "--knn-every", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parents[1]),
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[:4000]  # the workers' own lines come first, torchrun's report last
     assert [r["bad_images"] for r in records(tmp_path / "ddp").values()] == [1, 1]
 
 
