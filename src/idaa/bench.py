@@ -135,42 +135,37 @@ class _Box:
         self.tensor = tensor
 
 
-def bench_step(cfg: BenchConfig) -> dict[str, Any]:
-    """Per-mode median step time, images/s and memory, plus the time to make two SimCLR views of the batch."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    allocator_tuned = tune_cpu_allocator()
+def benchmark_vae(cfg: BenchConfig, device: torch.device) -> VAE:
+    """The protocol-sized VAE, frozen, with BN statistics warmed on noise so its outputs have a realistic scale."""
     torch.manual_seed(cfg.seed)
     vae = VAE(image_size=cfg.image_size, channels=3, latent_dim=cfg.latent_dim).to(device)
     vae.train()
-    with torch.no_grad():  # warm BN statistics so the frozen VAE's outputs are of a realistic scale
+    with torch.no_grad():
         vae(torch.randn(32, 3, cfg.image_size, cfg.image_size, device=device))
-    vae.freeze()
-    source = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           device=device)
-    views = build_view_policy("simclr", cfg.image_size, (0.5,) * 3, (0.25,) * 3).to(device)
-    v1, v2 = views(source), views(source)
-    v1, v2 = to_memory_format(v1, cfg.channels_last), to_memory_format(v2, cfg.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    return vae.freeze()
 
-    runners: dict[str, Callable[[], None]] = {}
-    for mode in cfg.modes:
-        spec = MODES[mode]
-        torch.manual_seed(cfg.seed)
-        method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device).train()
-        apply_speedups(method, cfg.channels_last, cfg.compile)
-        method.attack_graph, method.attack_fraction, method.adversarial_anchor = spec.graph, spec.fraction, spec.anchor
-        mode_vae = copy.copy(vae).set_precision(spec.vae_precision)  # shares the weights, not the setting
-        adversary = None if spec.adversary == "none" else build_adversary(spec.adversary, vae=mode_vae)
-        optimizer = torch.optim.Adam(method.parameters(), lr=1e-4)
 
-        def run(method=method, adversary=adversary, optimizer=optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            forward_backward(method, adversary, v1, v2, autocast=autocast)
-            optimizer.step()
+def _runner(spec: Mode, cfg: BenchConfig, device: torch.device, vae: VAE, v1: torch.Tensor, v2: torch.Tensor,
+            autocast: Any) -> Callable[[], None]:
+    """One training step of SimCLR in this mode (forward, backward, optimiser), on fixed views."""
+    torch.manual_seed(cfg.seed)
+    method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device).train()
+    apply_speedups(method, cfg.channels_last, cfg.compile)
+    method.attack_graph, method.attack_fraction, method.adversarial_anchor = spec.graph, spec.fraction, spec.anchor
+    mode_vae = copy.copy(vae).set_precision(spec.vae_precision)  # shares the weights, not the setting
+    adversary = None if spec.adversary == "none" else build_adversary(spec.adversary, vae=mode_vae)
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-4)
 
-        runners[mode] = run
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(method, adversary, v1, v2, autocast=autocast)
+        optimizer.step()
 
+    return run
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Seconds one call takes, the device synchronised on both sides."""
     def timed(fn: Callable[[], Any]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -179,44 +174,50 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
+    return timed
 
-    times: dict[str, list[float]] = {mode: [] for mode in cfg.modes}
-    view_times: list[float] = []
-    for round_ in range(cfg.warmup + cfg.rounds):
-        for mode in cfg.modes:
-            elapsed = timed(runners[mode])
+
+def _peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
+    """The CUDA allocator's peak over one step, or on CPU the activations autograd saves."""
+    if device.type != "cuda":
+        return _saved_bytes(run) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def bench_step(cfg: BenchConfig) -> dict[str, Any]:
+    """Per-mode median step time, images/s and memory, plus the time to make two SimCLR views of the batch."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    allocator_tuned = tune_cpu_allocator()
+    vae = benchmark_vae(cfg, device)
+    source = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           device=device)
+    views = build_view_policy("simclr", cfg.image_size, (0.5,) * 3, (0.25,) * 3).to(device)
+    v1, v2 = (to_memory_format(views(source), cfg.channels_last) for _ in range(2))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    runners = {mode: _runner(MODES[mode], cfg, device, vae, v1, v2, autocast) for mode in cfg.modes}
+    runners["views"] = lambda: (views(source), views(source))
+    timed, times = timer(device), {name: [] for name in runners}
+    for round_ in range(cfg.warmup + cfg.rounds):  # one step of each mode per round: load slows them alike
+        for name, run in runners.items():
+            elapsed = timed(run)
             if round_ >= cfg.warmup:
-                times[mode].append(elapsed)
-        elapsed = timed(lambda: (views(source), views(source)))
-        if round_ >= cfg.warmup:
-            view_times.append(elapsed)
-
-    memory: dict[str, float] = {}
-    for mode in cfg.modes:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            runners[mode]()
-            torch.cuda.synchronize(device)
-            memory[mode] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            memory[mode] = _saved_bytes(runners[mode]) / 2**20
-
-    base = cfg.modes[0]
-    rows = []
-    for mode in cfg.modes:
-        ms = 1000 * statistics.median(times[mode])
-        rows.append({"mode": mode, "ms_per_step": ms, "images_per_s": cfg.batch_size / (ms / 1000),
-                     "memory_mb": memory[mode]})
-    base_ms = next(r["ms_per_step"] for r in rows if r["mode"] == base)
-    base_mem = next(r["memory_mb"] for r in rows if r["mode"] == base)
+                times[name].append(elapsed)
+    rows = [{"mode": mode, "ms_per_step": 1000 * statistics.median(times[mode]),
+             "memory_mb": _peak_memory_mb(runners[mode], device)} for mode in cfg.modes]
+    base = rows[0]
     for r in rows:
-        r["time_ratio"] = r["ms_per_step"] / base_ms
-        r["memory_ratio"] = r["memory_mb"] / base_mem if base_mem else None
-    views_ms = 1000 * statistics.median(view_times)
+        r["images_per_s"] = cfg.batch_size / (r["ms_per_step"] / 1000)
+        r["time_ratio"] = r["ms_per_step"] / base["ms_per_step"]
+        r["memory_ratio"] = r["memory_mb"] / base["memory_mb"] if base["memory_mb"] else None
+    views_ms = 1000 * statistics.median(times["views"])
     return {"config": {**cfg.__dict__, "modes": list(cfg.modes), "device": str(device),
                        "threads": torch.get_num_threads(), "allocator_tuned": allocator_tuned},
-            "baseline": base, "rows": rows, "views_ms": views_ms,
-            "views_share_of_baseline_step": views_ms / (views_ms + base_ms)}
+            "baseline": base["mode"], "rows": rows, "views_ms": views_ms,
+            "views_share_of_baseline_step": views_ms / (views_ms + base["ms_per_step"])}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from idaa.bench import BenchConfig, benchmark_vae
 from idaa.data.views import build_view_policy
-from idaa.devices import resolve_device
+from idaa.devices import resolve_device, tune_cpu_allocator
 from idaa.methods import build_method
 from idaa.nets import VAE, build_backbone
 
@@ -93,15 +94,11 @@ def _median_ms(parts: Parts, views: Callable[[], Any], rounds: int, warmup: int,
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def bench_breakdown(cfg: Any) -> dict[str, Any]:
+def bench_breakdown(cfg: BenchConfig) -> dict[str, Any]:
     """Milliseconds per step component for `cfg` (a BenchConfig), with the VAE in fp32 and in bf16."""
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    vae = VAE(image_size=cfg.image_size, channels=3, latent_dim=cfg.latent_dim).to(device)
-    vae.train()
-    with torch.no_grad():  # realistic BN statistics, as in the step benchmark
-        vae(torch.randn(32, 3, cfg.image_size, cfg.image_size, device=device))
-    vae.freeze()
+    tune_cpu_allocator()  # the same heap reuse as the step benchmark
+    vae = benchmark_vae(cfg, device)
     method = build_method("simclr", build_backbone(cfg.backbone, width=cfg.width)).to(device).train()
     source = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                            device=device)
