@@ -328,3 +328,18 @@ def test_semi_on_a_full_disk_says_nothing_was_saved_yet(tmp_path, monkeypatch, c
     assert code == 75 and one_line(err), err
     assert "while writing the checkpoint" in err and "no checkpoint was written yet" in err
     assert not (folder / "last.ckpt").exists() and not list(folder.glob(".last.ckpt.*"))
+
+
+def test_a_full_disk_while_saving_the_vae_keeps_the_old_one(tmp_path, tiny_vae, monkeypatch):
+    from idaa.nets import load_vae, save_vae
+
+    path = tmp_path / "vae.pt"
+    save_vae(tiny_vae, path, {"dataset": "digits"})
+    before = path.read_bytes()
+    real = fileio._writable
+    monkeypatch.setattr(fileio, "_writable", lambda fd, target: FullDisk(real(fd, target)))
+    with pytest.raises(OSError) as caught:
+        save_vae(tiny_vae, path, {"dataset": "digits", "epoch": 2})
+    assert caught.value.errno == errno.ENOSPC  # the CLI turns it into one line, exit 75
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["vae.pt"], "no partial file"
+    load_vae(path)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from idaa.errors import IdaaError
+from idaa.fileio import atomic_torch_save
 
 VAE_FORMAT = 1
 VAE_PRECISIONS = ("fp32", "bf16")
@@ -145,11 +146,8 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
 
 def save_vae(vae: VAE, path: str | Path, meta: dict[str, Any]) -> None:
     """Write `vae.pt` atomically: weights, architecture, and the data it was trained on (name, size, mean/std)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": VAE_FORMAT, "config": dict(vae.config), "state_dict": vae.state_dict(),
-                "meta": dict(meta)}, tmp)
-    tmp.replace(path)
+    atomic_torch_save({"format": VAE_FORMAT, "config": dict(vae.config), "state_dict": vae.state_dict(),
+                       "meta": dict(meta)}, path)  # a full disk: one line, exit 75, the old vae.pt kept
 
 
 def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
