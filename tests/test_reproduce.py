@@ -15,12 +15,12 @@ from cli_run import run
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.cli import main
 from idaa.errors import IdaaError
-from idaa.evaluate.features import file_digest
 from idaa.experiments import reproduce
 from idaa.experiments.measure import RunResult, compare, time_fractions
 from idaa.experiments.protocol import read_protocol
 from idaa.experiments.report import END, START, collect, readme_section, report_markdown, write_readme_section
-from idaa.experiments.reproduce import _resolve_stage, plan
+from idaa.experiments.reproduce import _resolve_stage, plan, read_resolved
+from idaa.fileio import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = """base:
@@ -415,3 +415,34 @@ variants:
     assert "| 12.0 / 6.00 (12.0 / 12.0 kNN units) |" in timed and "`match_by: knn-units`" in timed
     with pytest.raises(IdaaError, match="match_by must be one of"):
         read_protocol(protocol_file(tmp_path, text.replace("knn-units", "minutes")), out=str(tmp_path / "x"))
+
+
+def test_plus_vae_time_adds_the_vaes_training_to_the_matched_budget(tmp_path, tiny_vae):
+    from idaa.nets import save_vae
+
+    vae_dir = tmp_path / "vae-run"
+    vae_dir.mkdir()
+    save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
+    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 3.0}) + "\n")
+    text = BASE + f"""seeds: [0]
+match_by: knn-units
+variants:
+  none: {{}}
+  idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
+  none-time-idaa: {{match_time_of: idaa}}
+  none-time-idaa-and-vae: {{match_time_of: idaa, plus_vae_time: true}}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    runs = plan(protocol)
+    fake_run(protocol.out / "runs" / "none-s0", 2, 1.0, [40.0, 50.0])  # 0.5 s per kNN evaluation
+    fake_run(protocol.out / "runs" / "idaa-s0", 2, 2.0, [45.0, 55.0])
+    _resolve_stage(protocol, ["none-time-idaa", "none-time-idaa-and-vae"], runs, echo=lambda text: None)
+    resolved = json.loads((protocol.out / "resolved.json").read_text())
+    # idaa: 8 kNN units (4 s at 0.5 s each) over none's 2 per epoch -> 4 epochs; its VAE's 3 s are 6 more units
+    assert resolved["none-time-idaa"]["epochs"] == 4 and "vae_train_time" not in resolved["none-time-idaa"]
+    assert resolved["none-time-idaa-and-vae"]["epochs"] == 7 and resolved["none-time-idaa-and-vae"][
+        "vae_train_time"] == 3.0
+    markdown = report_markdown(collect(protocol, plan(protocol, read_resolved(protocol), training=False), "cmd"))
+    assert f"- `{vae_dir / 'vae.pt'}` trained in 3 s; used by idaa." in markdown
+    with pytest.raises(IdaaError, match="plus_vae_time must be true or false, and goes with match_time_of"):
+        read_protocol(protocol_file(tmp_path, text.replace("none: {}", "none: {plus_vae_time: true}")))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idaa.errors import IdaaError
+from idaa.fileio import file_digest
 from idaa.nets.dual_bn import DualBatchNorm2d
 from idaa.nets.resnet import Backbone, build_backbone
 
@@ -99,7 +100,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, overwrite: bool = F
 def _checkpoint_source(checkpoint: str | Path) -> tuple[Backbone, dict[str, Any]]:
     """The plain-BN backbone of a pretraining checkpoint and the metadata to rebuild and feed it."""
     from idaa.checkpoints import load_method
-    from idaa.evaluate.features import file_digest
 
     method, blob = load_method(checkpoint, "cpu")
     cfg, data = blob["config"], blob["data"]

@@ -14,6 +14,7 @@ from idaa.errors import IdaaError
 from idaa.nets.vae import VAE
 
 ADVERSARIES = ("none", "idaa", "clae", "idaa-nodecomp", "latent-noise", "random-view")
+VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")  # the ones that need a trained VAE (--vae)
 _DEFAULT_EPS = {"idaa": 0.15, "idaa-nodecomp": 0.15, "latent-noise": 0.15, "clae": 0.03}
 
 
@@ -40,4 +41,4 @@ def build_adversary(name: str, *, vae: VAE | None = None, eps: float | None = No
 
 
 __all__ = ["ADVERSARIES", "CLAE", "IDAA", "Adversary", "IdentityDisentangledAdversary", "LatentNoise", "LossFn",
-           "PixelAdversary", "RandomView", "build_adversary"]
+           "PixelAdversary", "RandomView", "VAE_ADVERSARIES", "build_adversary"]

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from idaa.data.datasets import ImageDataset
+from idaa.data.memory import ImageDataset
 from idaa.errors import WriteFault
-from idaa.fileio import atomic_torch_save, write_fault
+from idaa.fileio import atomic_torch_save, file_digest, write_fault
 from idaa.runlock import eval_lock
 
 CACHE_FOLDER = "feature-cache"
@@ -33,15 +33,6 @@ CACHE_VERSION = 1
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes: the checkpoint's identity for the cache (a rewrite changes it, a copy does not)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dataset_digest(data: ImageDataset) -> str:

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idaa.adversaries import VAE_ADVERSARIES
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.errors import IdaaError
 from idaa.experiments.measure import RunResult, read_run
 from idaa.experiments.protocol import Protocol, Variant, stages
 from idaa.experiments.runner import (
-    VAE_ADVERSARIES,
     VAE_INHERITED,
     VAEJob,
     check_same_run,
@@ -37,7 +37,7 @@ from idaa.experiments.runner import (
     run_child,
     run_status,
 )
-from idaa.fileio import atomic_write_text, copy_into
+from idaa.fileio import atomic_write_text, copy_into, file_digest
 from idaa.train.config import resolve_config
 
 WHAT = "reproduce"
@@ -240,16 +240,35 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
     resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
                 "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
                 "seeds": protocol.seeds, "match_by": protocol.match_by}
+    vae_seconds = vae_training_seconds([r for r in runs if r.variant == variant.match_time_of]) \
+        if variant.plus_vae_time else 0.0
+    if vae_seconds:
+        resolved |= {"vae_train_time": vae_seconds, "target_train_time": target + vae_seconds,
+                     "epochs": max(1, round((target + vae_seconds) / rate))}
     if protocol.match_by == "knn-units":  # counted in kNN evaluations: the same work in every run, load-free
         units = [r.monitor_units for r in results[variant.match_time_of].values()]
         rates = [r.monitor_units / r.epochs for r in results[variant.rate_from].values() if r.monitor_units]
         if None in units or not rates:
             raise IdaaError(f"match_by: knn-units needs the kNN monitor's timings in every run of "
                             f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
-        target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
+        # the VAE has no kNN monitor: its seconds count at the reference runs' seconds per kNN evaluation
+        per_eval = statistics.fmean(r.monitor_time / len(r.curve_knn) for r in results[variant.rate_from].values())
+        target_units, rate_units = statistics.fmean(units) + vae_seconds / per_eval, statistics.fmean(rates)
         resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
                      "knn_units_per_epoch": rate_units}
     return resolved
+
+
+def vae_training_seconds(runs: list[Run]) -> float:
+    """The training time of the VAE these runs used (the last "time" of the metrics.jsonl beside vae.pt)."""
+    paths = {Path(r.config["vae"]) for r in runs if r.config and r.config.get("vae")}
+    if len(paths) != 1:
+        raise IdaaError(f"plus_vae_time needs one VAE for every matched run, found {len(paths)}")
+    metrics = next(iter(paths)).parent / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    if not records or "time" not in records[-1]:
+        raise IdaaError(f"plus_vae_time: '{metrics}' does not say how long the VAE trained")
+    return float(records[-1]["time"])
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
@@ -303,8 +322,6 @@ def linear_result(run: Run, limit: int | None) -> dict[str, Any] | None:
     record = _read_eval(run.path / "eval.json", limit)
     if record is None or not (run.path / "last.ckpt").is_file():
         return None
-    from idaa.evaluate.features import file_digest
-
     return record if record.get("checkpoint_sha256") == file_digest(run.path / "last.ckpt") else None
 
 

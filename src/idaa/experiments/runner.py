@@ -22,7 +22,6 @@ from idaa.errors import IdaaError, WriteFault
 from idaa.fileio import atomic_write_text
 
 NOT_COMPARED = {"out", "command", "max_steps", "device", "download"}  # may differ between invocations
-VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
 VAE_KEYS = {"dataset", "data_dir", "latent_dim", "hidden", "beta", "epochs", "batch_size", "lr", "policy", "limit",
             "seed", "device"}
 VAE_INHERITED = ("dataset", "data_dir", "limit", "seed", "device")  # a run's VAE sees the run's data

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idaa.adversaries import VAE_ADVERSARIES
 from idaa.analysis.plots import new_figure
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.errors import IdaaError
 from idaa.experiments.runner import (
-    VAE_ADVERSARIES,
     VAE_INHERITED,
     RunStopped,
     VAEJob,

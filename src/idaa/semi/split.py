@@ -55,12 +55,3 @@ def save_split(path: str | Path, labelled: torch.Tensor, unlabelled: torch.Tenso
     text = json.dumps(record, indent=1).encode()
     atomic_write_bytes(Path(path), lambda handle: handle.write(text))
 
-
-def read_split(path: str | Path) -> list[int]:
-    """The labelled indices saved by `save_split`; a missing or malformed file is a one-line error."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-        return [int(i) for i in record["labelled"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise IdaaError(f"cannot read the labelled split '{path}' ({type(exc).__name__})") from None
