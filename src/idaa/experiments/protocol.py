@@ -9,6 +9,7 @@ finished, and the resolution is kept in `<out>/resolved.json` so it never change
   reference variant, usually plain SimCLR). Its cosine schedule spans all of its own epochs. With
   `match_by: knn-units` both times are counted in each run's own kNN evaluations (the same work in every run),
   so machine load and machine kind cannot bend the match; `seconds` (the default) uses raw seconds.
+  `plus_vae_time: true` adds the training time of V's VAE (its `metrics.jsonl`) to V's: what a user pays.
 - `best_of: [V1, V2, ...]`: the settings of whichever candidate has the highest mean final kNN accuracy, then
   the variant's own settings on top (e.g. another eps for the best IDAA variant).
 
@@ -31,7 +32,7 @@ from idaa.train.config import FIELDS, read_preset
 PROTOCOL_KEYS = {"base", "settings", "vae", "seeds", "variants", "reference", "compare", "compare_time", "linear",
                  "out", "match_by"}
 MATCH_BY = ("seconds", "knn-units")  # knn-units: training time in units of the run's own kNN evaluations
-DEFERRED_KEYS = {"match_time_of", "rate_from", "best_of"}
+DEFERRED_KEYS = {"match_time_of", "rate_from", "best_of", "plus_vae_time"}
 VARIANT_KEYS = (FIELDS - {"out", "seed"}) | DEFERRED_KEYS
 LINEAR_KEYS = {"variants", "limit"}
 NAME = re.compile(r"[A-Za-z0-9+._-]+")
@@ -46,6 +47,7 @@ class Variant:
     match_time_of: str | None = None
     rate_from: str | None = None
     best_of: list[str] = field(default_factory=list)
+    plus_vae_time: bool = False  # the matched time also counts the training of the matched variant's VAE
 
     @property
     def deferred(self) -> bool:
@@ -107,6 +109,9 @@ def _read_variant(name: str, value: Any) -> Variant:
     if unknown:
         raise IdaaError(f"unknown setting(s) {', '.join(unknown)} in variant '{name}'")
     match, rate = settings.pop("match_time_of", None), settings.pop("rate_from", None)
+    plus_vae = settings.pop("plus_vae_time", False)
+    if not isinstance(plus_vae, bool) or (plus_vae and match is None):
+        raise IdaaError(f"variant '{name}': plus_vae_time must be true or false, and goes with match_time_of")
     best = _names(settings.pop("best_of"), f"variants.{name}.best_of") if "best_of" in settings else []
     if match is not None and best:
         raise IdaaError(f"variant '{name}' sets both match_time_of and best_of; choose one")
@@ -117,7 +122,7 @@ def _read_variant(name: str, value: Any) -> Variant:
     for key, ref in (("match_time_of", match), ("rate_from", rate)):
         if ref is not None and not isinstance(ref, str):
             raise IdaaError(f"variants.{name}.{key} must name a variant")
-    return Variant(name, settings, match, rate, best)
+    return Variant(name, settings, match, rate, best, plus_vae)
 
 
 def _check_references(variants: dict[str, Variant], reference: str | None) -> None:

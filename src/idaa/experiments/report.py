@@ -17,7 +17,14 @@ from idaa.errors import IdaaError
 from idaa.experiments.figures import PAPER_TABLE_11, plot_accuracy_vs_time, plot_time_to_accuracy
 from idaa.experiments.measure import RunResult, Verdict, as_row, compare, fmt, mean_std, summary, time_fractions
 from idaa.experiments.protocol import Protocol
-from idaa.experiments.reproduce import Run, linear_command, linear_result, read_resolved, results_by_variant
+from idaa.experiments.reproduce import (
+    Run,
+    linear_command,
+    linear_result,
+    read_resolved,
+    results_by_variant,
+    vae_training_seconds,
+)
 from idaa.fileio import atomic_write_text, copy_into
 from idaa.train.config import resolve_config
 
@@ -159,6 +166,19 @@ MATCHED_IN_UNITS = (", both counted in their runs' own kNN evaluations (`match_b
                     "load cannot bend")
 
 
+def vae_lines(r: Report) -> list[str]:
+    """The training time of each VAE the grid's runs used: a user pays it too, once per dataset."""
+    lines = []
+    for path in sorted({run.config["vae"] for run in r.runs if run.config and run.config.get("vae")}):
+        users = sorted({run.variant for run in r.runs if run.config and run.config.get("vae") == path})
+        try:
+            seconds = f"{vae_training_seconds([run for run in r.runs if run.variant in users]):.0f} s"
+        except IdaaError:
+            seconds = "an unknown time (its metrics.jsonl is not beside it)"
+        lines.append(f"- `{path}` trained in {seconds}; used by {', '.join(users)}.")
+    return lines
+
+
 def report_markdown(r: Report) -> str:
     """The whole report.md."""
     p, ref = r.protocol, r.protocol.reference
@@ -172,6 +192,9 @@ def report_markdown(r: Report) -> str:
                       "last column counts each run's training time in seconds of its own kNN evaluations (the same "
                       "work in every run), so the load of a shared machine cancels out of it: it is the cost a "
                       "quiet machine would show, and it checks that a compute-matched run matched.", runs_table(r))
+    if vae_lines(r):
+        parts += ["The VAE's own training (a matched baseline with `plus_vae_time` counts it in its budget):", "",
+                  *vae_lines(r), ""]
     if p.compare:
         parts += _section("At equal epochs", "Final kNN top-1; difference = first - second.",
                           comparison_table(r, p.compare))
