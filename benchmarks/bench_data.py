@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idaa.data.datasets import ImageDataset
+from idaa.data.crops import crop_boxes, crop_views
 from idaa.data.feeds import TensorFeed, make_feed
-from idaa.data.sources import StreamOptions, open_dataset
-from idaa.data.streaming import crop_boxes, crop_views
+from idaa.data.memory import ImageDataset
+from idaa.data.options import StreamOptions
+from idaa.data.sources import open_dataset
 from idaa.data.views import build_view_policy
 
 ROOT = Path(__file__).resolve().parents[1]

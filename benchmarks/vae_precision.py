@@ -18,7 +18,7 @@ import time
 import torch
 
 from idaa.adversaries import IDAA
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.nets import load_vae
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from idaa import IDAA, VAE, MLPHead, build_backbone, load_vae
 from idaa.adversaries import Adversary
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.integrations.lightning import IDAAMixin
 from idaa.losses import nt_xent

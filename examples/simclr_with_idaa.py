@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from idaa import IDAA, VAE, MLPHead, build_backbone, load_vae
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 
 

@@ -67,11 +67,11 @@ def test_release_free_memory_hands_freed_heap_pages_back() -> None:
 def test_worker_loaders_release_free_memory_before_forking(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from idaa.data import streaming
+    from idaa.data import crops
 
     calls = []
-    monkeypatch.setattr(streaming, "release_free_memory", lambda: calls.append(1) or True)
-    streaming.image_loader(list(range(4)), [[0, 1], [2, 3]], 0, torch.device("cpu"))
+    monkeypatch.setattr(crops, "release_free_memory", lambda: calls.append(1) or True)
+    crops.image_loader(list(range(4)), [[0, 1], [2, 3]], 0, torch.device("cpu"))
     assert calls == []
-    streaming.image_loader(list(range(4)), [[0, 1], [2, 3]], 2, torch.device("cpu"))
+    crops.image_loader(list(range(4)), [[0, 1], [2, 3]], 2, torch.device("cpu"))
     assert calls == [1]

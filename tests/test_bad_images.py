@@ -14,8 +14,8 @@ from PIL import Image
 
 from idaa.cli import main
 from idaa.data import feeds, unreadable
+from idaa.data.streamed import StreamedImages
 from idaa.data.unreadable import Screen, find_unreadable
-from idaa.train import monitor
 
 NET = ["--width", "4", "--batch-size", "4", "--no-progress", "--image-size", "16"]
 
@@ -68,14 +68,14 @@ def no_zero_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sizes.append(len(crops))
         return torch.Tensor.contiguous(crops.to(device))
 
-    def checked_bank(source, rows, batch_size):
-        for images, labels in original(source, rows, batch_size):
-            assert len(images) == len(labels) and bool((images.flatten(1).amax(1) > 0).all())
-            yield images, labels
+    def checked_bank(images: StreamedImages, batch_size: int):
+        for batch, labels in original(images, batch_size):
+            assert len(batch) == len(labels) and bool((batch.flatten(1).amax(1) > 0).all())
+            yield batch, labels
 
-    original = monitor.labelled_batches
+    original = StreamedImages.labelled_split  # what the kNN monitor's bank and queries of a streamed split read
     monkeypatch.setattr(feeds, "channels_first", checked_batch)
-    monkeypatch.setattr(monitor, "labelled_batches", checked_bank)
+    monkeypatch.setattr(StreamedImages, "labelled_split", checked_bank)
     return sizes
 
 

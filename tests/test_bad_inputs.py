@@ -13,8 +13,8 @@ from PIL import Image
 
 from idaa.cli import main
 from idaa.data import download
-from idaa.data.datasets import load_dataset
 from idaa.data.download import Archive
+from idaa.data.memory import load_dataset
 from idaa.nets import VAE, save_vae
 
 TINY = ["--width", "4", "--batch-size", "32", "--limit", "128", "--epochs", "1", "--no-progress"]

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from idaa.data import datasets, download, formats
-from idaa.data.datasets import DATASETS, STATS, DataError, ImageDataset, load_dataset
+from idaa.data import download, folder_cache, memory
 from idaa.data.download import ARCHIVES, Archive, download_and_extract
+from idaa.data.memory import DATASETS, STATS, ImageDataset, load_dataset
+from idaa.errors import DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -196,7 +197,7 @@ def test_cifar10_jpg_layout_and_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     def fail(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(formats, "decode_images", fail)
+    monkeypatch.setattr(folder_cache, "decode_images", fail)
     again = load_dataset("cifar10", base, "train")  # data_dir pointing straight at the layout
     assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
     write_images(base / "train" / "cat", 3, 32, "jpg", seed=77)  # a new file changes the fingerprint
@@ -210,7 +211,7 @@ def test_cache_skipped_when_not_writable(tmp_path: Path, monkeypatch: pytest.Mon
     def readonly(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(formats.tempfile, "mkstemp", readonly)
+    monkeypatch.setattr(folder_cache.tempfile, "mkstemp", readonly)
     assert len(load_dataset("cifar10", tmp_path, "test")) == 10
     assert not list(tmp_path.glob(".idaa-cache*"))
 
@@ -325,10 +326,10 @@ def test_unreadable_and_mixed_images(tmp_path: Path) -> None:
 def test_threaded_decode_matches_serial(tmp_path: Path) -> None:
     write_images(tmp_path, 7, ext="png")
     files = sorted(tmp_path.glob("*.png"))
-    assert torch.equal(formats.decode_images(files, workers=3), formats.decode_images(files, workers=1))
+    assert torch.equal(folder_cache.decode_images(files, workers=3), folder_cache.decode_images(files, workers=1))
     write_images(tmp_path / "big", 1, size=9)
     files.insert(5, tmp_path / "big" / "0000.png")
-    raises(lambda: formats.decode_images(files, workers=3), files[0], files[5], "9x9")
+    raises(lambda: folder_cache.decode_images(files, workers=3), files[0], files[5], "9x9")
 
 
 # ---------------------------------------------------------------- download
@@ -358,7 +359,7 @@ def test_download_and_extract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         download.ARCHIVES, "cifar10", Archive(archive.as_uri(), spec.filename, md5, spec.folder)
     )
     assert len(load_dataset("cifar10", tmp_path / "auto", "test", download=True)) == 1
-    assert datasets.ARCHIVES is download.ARCHIVES
+    assert memory.ARCHIVES is download.ARCHIVES
 
 
 def test_download_failures(tmp_path: Path) -> None:

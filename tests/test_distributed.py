@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from idaa.cli import main
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.nets import save_vae
 from idaa.train.step import forward_backward
 

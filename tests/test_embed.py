@@ -10,7 +10,7 @@ from cli_run import run
 from PIL import Image
 
 from idaa.cli import main
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 
 TINY = ["--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "64", "--epochs", "1",
         "--knn-every", "0", "--no-progress"]

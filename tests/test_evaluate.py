@@ -15,7 +15,7 @@ import idaa.evaluate.protocol as protocol
 from idaa import load_backbone, preprocess
 from idaa.checkpoints import load_method
 from idaa.cli import main
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.evaluate.features import CACHE_FOLDER
 from idaa.evaluate.linear import fit_augmented, holdout_split, select_and_fit, topk_accuracy

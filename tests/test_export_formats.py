@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from idaa import IdaaError, build_backbone, load_backbone, preprocess
 from idaa.cli import main
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.export import collapse_dual_bn
 from idaa.export_detectron2 import detectron2_checkpoint
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from idaa.cli import main
-from idaa.data.formats import DataError
 from idaa.data.layouts import imagenet100_classes, read_layout, split_listing
+from idaa.errors import DataError
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -231,8 +231,8 @@ TRANSFER_PRESETS = sorted((Path(__file__).parents[1] / "configs" / "paper").glob
 @pytest.mark.parametrize("preset", TRANSFER_PRESETS, ids=lambda p: p.name)
 def test_table4_and_9_presets_list_a_parsable_transfer_command_per_dataset(preset):
     from idaa.cli import build_parser
-    from idaa.data.datasets import DATASETS
     from idaa.data.layouts import LAYOUTS
+    from idaa.data.memory import DATASETS
 
     commands = [line[2:].split() for line in preset.read_text().splitlines() if line.startswith("# idaa eval transfer")]
     datasets = []

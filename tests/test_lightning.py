@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from idaa import IDAA, VAE, IdaaError
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.integrations import AdversarialTerm, adversarial_mode, convert_to_dual_bn
 from idaa.losses import nt_xent
 from idaa.nets.dual_bn import DualBatchNorm2d

@@ -19,7 +19,7 @@ import torch
 
 
 def accuracies(shards):
-    from idaa.data.datasets import load_dataset
+    from idaa.data.memory import load_dataset
     from idaa.data.shards import ShardSource
     from idaa.methods import build_method
     from idaa.nets import build_backbone

@@ -89,7 +89,7 @@ TINY = ["--dataset", "digits", "--width", "4", "--batch-size", "64", "--limit", 
 
 
 def test_pretrain_run_folder_resume_and_refusal(tmp_path, tiny_vae, capsys):
-    from idaa.data.datasets import load_dataset
+    from idaa.data.memory import load_dataset
     from idaa.nets import save_vae
 
     digits = load_dataset("digits")

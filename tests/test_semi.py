@@ -9,7 +9,7 @@ import yaml
 from cli_run import run
 
 from idaa.adversaries import ADVERSARIES, build_adversary
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.nets import VAE, build_backbone
 from idaa.nets.vae import save_vae

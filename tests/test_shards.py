@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from idaa.cli import main
-from idaa.data.formats import DataError
+from idaa.data.crops import center_crop, crop_views
+from idaa.data.feeds import ShardFeed
 from idaa.data.layouts import read_layout
+from idaa.data.options import StreamOptions
 from idaa.data.shards import ShardSource, pack_shards
-from idaa.data.streaming import center_crop, crop_views
+from idaa.errors import DataError
 
 SCALE = (0.2, 1.0)
 
@@ -140,11 +142,9 @@ def test_bad_shard_folders_are_one_line_errors(tmp_path, packed, capsys):
 
 
 def test_shard_feed_gives_training_batches_like_the_folder_feed(packed):
-    from idaa.data.shards import ShardFeed
-
     _, out = packed
-    source = ShardSource(out, "train", image_size=8)
-    feed = ShardFeed(source, torch.device("cpu"), local_batch=6, rank=0, world=1, scale=SCALE, views=3, seed=1)
+    source = ShardSource(out, "train", image_size=8, options=StreamOptions(workers=0, seed=1))
+    feed = ShardFeed(source, torch.device("cpu"), batch_size=6, local_batch=6, rank=0, policy="simsiam", views=3)
     batches = list(feed.batches(epoch=0, order=torch.arange(len(source))))
     assert len(batches) == 4 and feed.failure is None and feed.crops
     first = batches[0]

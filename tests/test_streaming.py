@@ -13,13 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from idaa.data import sources, streaming
-from idaa.data.datasets import ImageDataset
+from idaa.data import crops as crop_module
+from idaa.data import decode as decode_module
+from idaa.data import listing as listing_module
+from idaa.data.crops import _resized, center_crop, crop_views
+from idaa.data.decode import read_rgb
 from idaa.data.feeds import StreamFeed, make_feed
-from idaa.data.formats import DataError
-from idaa.data.sources import StreamingDataset, StreamOptions, open_dataset
-from idaa.data.streaming import _resized, center_crop, crop_views, open_rgb, read_rgb
+from idaa.data.memory import ImageDataset
+from idaa.data.options import StreamOptions
+from idaa.data.sources import open_dataset
+from idaa.data.streamed import StreamingDataset
 from idaa.data.views import build_view_policy
+from idaa.errors import DataError
 
 
 def noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -52,30 +57,29 @@ def test_any_mode_becomes_rgb_with_exif_orientation(tmp_path: Path) -> None:
     noise(20, 10).convert("P").save(tmp_path / "palette.png", transparency=0)
     Image.fromarray(np.full((10, 20), 40000, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey
     for name in ("grey.png", "cmyk.jpg", "alpha.png", "palette.png", "deep.png"):
-        img = open_rgb(tmp_path / name)
-        assert img.mode == "RGB" and img.size == (20, 10), name
-    assert abs(int(np.asarray(open_rgb(tmp_path / "deep.png"))[0, 0, 0]) - 40000 // 256) <= 1  # scaled, not clipped
+        assert read_rgb(tmp_path / name).shape == (10, 20, 3), name
+    assert abs(int(read_rgb(tmp_path / "deep.png")[0, 0, 0]) - 40000 // 256) <= 1  # scaled, not clipped
     # 40 x 20, left half red, right half blue, stored with "rotate 90 clockwise to display" (orientation 6)
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20, 0], pixels[:, 20:, 2] = 255, 255
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    shown = np.asarray(open_rgb(tmp_path / "rotated.jpg"))
+    shown = read_rgb(tmp_path / "rotated.jpg")
     assert shown.shape == (40, 20, 3)
     assert shown[2, 10, 0] > 200 and shown[-3, 10, 2] > 200  # left went to the top, right to the bottom
     crops = crop_views(tmp_path / "rotated.jpg", 0, 0, 0, 8, (0.9, 1.0), 1)
     assert crops[0, 0, 0].float().mean() > 150 and crops[0, 2, -1].float().mean() > 150  # crops see it upright
     (tmp_path / "text.jpg").write_text("not an image")
     with pytest.raises(DataError, match="text.jpg"):
-        open_rgb(tmp_path / "text.jpg")
+        read_rgb(tmp_path / "text.jpg")
 
 
 def test_draft_decoding_and_seeded_crops(tmp_path: Path) -> None:
     smooth(1600, 1200).save(tmp_path / "big.jpg", quality=95)
-    reduced = open_rgb(tmp_path / "big.jpg", min_side=100)
-    assert 100 <= min(reduced.size) < 1200 // 4  # decoded at 1/8, not at full size
-    full = open_rgb(tmp_path / "big.jpg")
+    reduced = read_rgb(tmp_path / "big.jpg", min_side=100)
+    assert 100 <= min(reduced.shape[:2]) < 1200 // 4  # decoded at 1/8, not at full size
+    full = Image.fromarray(read_rgb(tmp_path / "big.jpg"))
     a = crop_views(tmp_path / "big.jpg", index=3, epoch=1, seed=7, size=32, scale=(0.08, 1.0), views=2)
     b = crop_views(full, index=3, epoch=1, seed=7, size=32, scale=(0.08, 1.0), views=2)
     assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
@@ -88,10 +92,10 @@ def test_draft_decoding_and_seeded_crops(tmp_path: Path) -> None:
 
 
 def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "simplejpeg", None)
+    monkeypatch.setattr(decode_module, "simplejpeg", None)
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RGB and grey JPEGs skip Pillow's decoder: the same pixels and crops at every scale and EXIF orientation."""
     files = []
@@ -105,8 +109,8 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
     noise(50, 30).convert("L").save(tmp_path / "grey.jpg")
     files += [tmp_path / "big.jpg", tmp_path / "grey.jpg"]
     calls = []
-    decode = streaming.simplejpeg.decode_jpeg
-    monkeypatch.setattr(streaming.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    decode = decode_module.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
     turbo = [(read_rgb(f), read_rgb(f, min_side=20), crop_views(f, 3, 1, 7, 16, (0.08, 1.0), 2, fast_decode=False),
               center_crop(f, 24)) for f in files]
     assert len(calls) == 4 * len(files)  # every one of them decoded by libjpeg-turbo
@@ -120,7 +124,7 @@ def test_libjpeg_turbo_path_gives_pillows_pixels(tmp_path: Path, monkeypatch: py
     assert read_rgb(tmp_path / "big.jpg", min_side=80).shape == (88, 113, 3)  # 700 x 900 decoded at 1/8
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 def test_plain_jpegs_skip_pillows_header_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RGB/grey JPEGs, with or without EXIF, are sized by libjpeg-turbo; CMYK, PNG and broken files open in Pillow."""
     noise(61, 40).save(tmp_path / "plain.jpg")
@@ -131,10 +135,10 @@ def test_plain_jpegs_skip_pillows_header_parse(tmp_path: Path, monkeypatch: pyte
     noise(20, 10).convert("CMYK").save(tmp_path / "cmyk.jpg")
     noise(20, 10).save(tmp_path / "image.png")
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:30])  # header cut short
-    opened, lazy = [], streaming._lazy
-    monkeypatch.setattr(streaming, "_lazy", lambda source, name: opened.append(Path(name).name) or lazy(source, name))
+    opened, lazy = [], decode_module._lazy
+    monkeypatch.setattr(decode_module, "_lazy", lambda file, name: opened.append(Path(name).name) or lazy(file, name))
     files = ("plain.jpg", "grey.jpg", "exif.jpg", "cmyk.jpg", "image.png")
-    sizes = {f: streaming._Encoded(tmp_path / f).size for f in files}
+    sizes = {f: decode_module.EncodedImage(tmp_path / f).size for f in files}
     assert opened == ["cmyk.jpg", "image.png"]
     assert sizes == {f: Image.open(tmp_path / f).size for f in sizes}
     with pytest.raises(DataError, match="cut.jpg"):
@@ -159,7 +163,7 @@ def _tiff(order: str, entries: list[tuple[int, int, int, bytes]], first: int = 8
     return b"Exif\x00\x00" + head + ifd + (0).to_bytes(4, order)
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, of the bad offset
 def test_exif_orientation_is_read_from_the_header_as_pillow_reads_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,20 +187,20 @@ def test_exif_orientation_is_read_from_the_header_as_pillow_reads_it(
                "bad-offset.jpg": _with_app1(jpeg, _tiff("little", [short["little"](6)], first=4000))}
     for name, data in {**ours, **pillows}.items():
         (tmp_path / name).write_bytes(data)
-    opened, lazy = [], streaming._lazy
-    monkeypatch.setattr(streaming, "_lazy", lambda source, name: opened.append(Path(name).name) or lazy(source, name))
-    seen = {name: streaming._Encoded(tmp_path / name) for name in {**ours, **pillows}}
+    opened, lazy = [], decode_module._lazy
+    monkeypatch.setattr(decode_module, "_lazy", lambda file, name: opened.append(Path(name).name) or lazy(file, name))
+    seen = {name: decode_module.EncodedImage(tmp_path / name) for name in {**ours, **pillows}}
     assert opened == list(pillows)
-    expected = {name: streaming._orientation(Image.open(tmp_path / name)) for name in seen}
+    expected = {name: decode_module._orientation(Image.open(tmp_path / name)) for name in seen}
     assert {name: e.orientation for name, e in seen.items()} == expected
     assert [expected[n] for n in ours] == [6, 8, 3, 1, 1] and expected["xmp.jpg"] == 6  # Pillow reads XMP too
     for name, e in seen.items():
-        assert e.size == streaming.oriented_size(Image.open(tmp_path / name)), name
+        assert e.size == decode_module.oriented_size(Image.open(tmp_path / name)), name
         assert np.array_equal(read_rgb(tmp_path / name), np.asarray(ImageOps.exif_transpose(Image.open(
             tmp_path / name)).convert("RGB"))), name
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 def test_training_crops_decode_fast_within_a_grey_level(tmp_path: Path) -> None:
     """Training crops take libjpeg-turbo's fast IDCT and chroma upsampling: other pixels, about one level off."""
     photo = Image.blend(smooth(420, 360), noise(420, 360).filter(ImageFilter.GaussianBlur(1.5)), 0.4)  # texture
@@ -208,7 +212,7 @@ def test_training_crops_decode_fast_within_a_grey_level(tmp_path: Path) -> None:
     assert torch.equal(fast, crop_views(tmp_path / "photo.jpg", 3, 1, 7, 224, (0.9, 1.0), 2))  # still deterministic
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 def test_what_libjpeg_only_warns_about_is_decided_by_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Extraneous bytes before a marker decode as Pillow decodes them; a truncated JPEG names its file either way."""
     buffer = io.BytesIO()
@@ -218,7 +222,7 @@ def test_what_libjpeg_only_warns_about_is_decided_by_pillow(tmp_path: Path, monk
     (tmp_path / "junk.jpg").write_bytes(data[:sos] + b"\x00\x00" + data[sos:])  # libjpeg: "extraneous bytes"
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError):
-        streaming.simplejpeg.decode_jpeg((tmp_path / "junk.jpg").read_bytes(), colorspace="RGB")
+        decode_module.simplejpeg.decode_jpeg((tmp_path / "junk.jpg").read_bytes(), colorspace="RGB")
     junk = read_rgb(tmp_path / "junk.jpg")
     for decoder in ("simplejpeg", "pillow"):
         if decoder == "pillow":
@@ -240,7 +244,7 @@ def _cropped(path: Path) -> list[torch.Tensor]:
     return crops + [center_crop(path, size) for size in (224, 40)]
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 @pytest.mark.parametrize("kind", ["4:2:0", "4:2:2", "4:4:4", "restarts", "grey", "exif", "exif-rotated"])
 def test_decoding_stops_below_the_crops_without_changing_a_pixel(
         kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,7 +257,7 @@ def test_decoding_stops_below_the_crops_without_changing_a_pixel(
         options["exif"] = exif
     stopped: list[tuple[int, int]] = []
     scales: set[int] = set()
-    top_rows = streaming._Encoded._top_rows
+    top_rows = decode_module.EncodedImage._top_rows
 
     def spy(self, k, fast, rows):
         out = top_rows(self, k, fast, rows)
@@ -262,7 +266,7 @@ def test_decoding_stops_below_the_crops_without_changing_a_pixel(
             scales.add(k)
         return out
 
-    monkeypatch.setattr(streaming._Encoded, "_top_rows", spy)
+    monkeypatch.setattr(decode_module.EncodedImage, "_top_rows", spy)
     photo = _photo(613, 517)
     files = []
     for name, img in (("photo.jpg", photo), ("large.jpg", photo.resize((1900, 1500)))):
@@ -275,25 +279,25 @@ def test_decoding_stops_below_the_crops_without_changing_a_pixel(
         assert stopped and all(rows < whole for rows, whole in stopped)  # it did stop early...
         assert scales >= {1, 2}  # ...at full and at reduced (draft) scales...
         assert sum(rows for rows, _ in stopped) < 0.95 * sum(whole for _, whole in stopped)
-    monkeypatch.setattr(streaming._Encoded, "_top_rows", lambda self, k, fast, rows: None)
+    monkeypatch.setattr(decode_module.EncodedImage, "_top_rows", lambda self, k, fast, rows: None)
     whole = [crop for f in files for crop in _cropped(f)]
     assert all(torch.equal(a, b) for a, b in zip(early, whole, strict=True))  # ...and changed nothing
 
 
-@pytest.mark.skipif(streaming.simplejpeg is None, reason="simplejpeg not installed")
+@pytest.mark.skipif(decode_module.simplejpeg is None, reason="simplejpeg not installed")
 def test_decoding_early_leaves_progressive_and_damaged_files_to_the_whole_decode(tmp_path: Path) -> None:
     """Only a one-scan baseline JPEG stops early; a cut file or one libjpeg warns about goes to the whole decode."""
     buffer = io.BytesIO()
     _photo(300, 260).save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
     _photo(300, 260).save(tmp_path / "progressive.jpg", quality=90, progressive=True)
-    assert streaming._Encoded(tmp_path / "progressive.jpg")._frame is None
-    assert streaming._Encoded(io.BytesIO(data))._top_rows(1, False, 20).shape == (48, 300, 3)  # 2 MCU rows
+    assert decode_module.EncodedImage(tmp_path / "progressive.jpg")._frame is None
+    assert decode_module.EncodedImage(io.BytesIO(data))._top_rows(1, False, 20).shape == (48, 300, 3)  # 2 MCU rows
     sos = data.index(b"\xff\xda")
     damaged = {"cut.jpg": data[: len(data) * 3 // 4], "junk.jpg": data[:sos] + b"\x00\x00" + data[sos:]}
     for name, content in damaged.items():
         (tmp_path / name).write_bytes(content)
-        assert streaming._Encoded(tmp_path / name)._top_rows(1, False, 20) is None
+        assert decode_module.EncodedImage(tmp_path / name)._top_rows(1, False, 20) is None
     with pytest.raises(DataError, match="cut.jpg"):  # its top rows are intact, yet it names the file
         center_crop(tmp_path / "cut.jpg", 32)
 
@@ -318,8 +322,8 @@ def test_enlarged_crops_take_the_plain_kernel_without_changing_a_pixel(monkeypat
     written channels-last, the same pixels F.interpolate gives."""
     pixels = np.asarray(noise(300, 260, seed=5))
     flags = []
-    kernels = dict(streaming._RESIZE)
-    monkeypatch.setattr(streaming, "_RESIZE", {k: lambda *a, k=k, **kw: flags.append(k) or kernels[k](*a, **kw)
+    kernels = dict(crop_module._RESIZE)
+    monkeypatch.setattr(crop_module, "_RESIZE", {k: lambda *a, k=k, **kw: flags.append(k) or kernels[k](*a, **kw)
                                                for k in kernels})
     rng = np.random.default_rng(1)
     cases = [(40, 40), (223, 224), (224, 224), (100, 201), (7, 150), (150, 250), (260, 100)]
@@ -338,11 +342,11 @@ def test_crops_stack_channels_last_and_train_channels_first(tmp_path: Path) -> N
     noise(70, 100).save(tmp_path / "b.png")
     crops = [crop_views(tmp_path / f, i, 0, 0, 32, (0.3, 1.0), 2) for i, f in enumerate(("a.jpg", "b.png"))]
     crops.append(torch.zeros((2, 3, 32, 32), dtype=torch.uint8))  # an unreadable file's placeholder
-    batch = streaming.stack_crops(crops)
+    batch = crop_module.stack_crops(crops)
     assert torch.equal(batch, torch.stack(crops)) and batch.movedim(-3, -1).is_contiguous()
-    first = streaming.channels_first(batch, torch.device("cpu"))
+    first = crop_module.channels_first(batch, torch.device("cpu"))
     assert torch.equal(first, batch) and first.is_contiguous()
-    centre = streaming.stack_crops([center_crop(tmp_path / "a.jpg", 24), center_crop(tmp_path / "b.png", 24)])
+    centre = crop_module.stack_crops([center_crop(tmp_path / "a.jpg", 24), center_crop(tmp_path / "b.png", 24)])
     assert centre.shape == (2, 3, 24, 24) and centre.movedim(1, -1).is_contiguous()
 
 
@@ -372,8 +376,8 @@ def test_source_choice_listing_cache_and_stats(tmp_path: Path, monkeypatch: pyte
     assert test.mean == train.mean and 0.3 < train.mean[0] < 0.7 and train.classes == ["cat", "dog"]
     assert (root / ".idaa-listing-train.json").is_file() and (root / ".idaa-stats-train.json").is_file()
     monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("header re-read")))
-    read_json, parsed = sources._read_json, []
-    monkeypatch.setattr(sources, "_read_json", lambda path: parsed.append(path.name) or read_json(path))
+    read_json, parsed = listing_module._read_json, []
+    monkeypatch.setattr(listing_module, "_read_json", lambda path: parsed.append(path.name) or read_json(path))
     again = open_dataset("folder", root, options=StreamOptions(image_size=24, workers=0))  # headers + stats cached
     assert again.mean == train.mean and again.files == train.files
     assert parsed.count(".idaa-listing-train.json") == 1  # a big listing is parsed once, not again for the stats
@@ -414,7 +418,8 @@ import torch.distributed as td
 
 from idaa import distributed as dist
 from idaa.data.feeds import make_feed
-from idaa.data.sources import StreamOptions, open_dataset
+from idaa.data.options import StreamOptions
+from idaa.data.sources import open_dataset
 
 torch.set_num_threads(1)
 root, out = sys.argv[1:3]

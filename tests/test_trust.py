@@ -13,7 +13,7 @@ import torch
 import idaa.train.pretrain as pretrain_module
 import idaa.train.step as step_module
 from idaa.cli import main
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.nets import save_vae
 
 BASE = ["pretrain", "--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "128", "--epochs", "2",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from idaa.errors import IdaaError
+from idaa.errors import IdaaError, one_line
 
 ANALYSIS_COMMANDS = ("diagnose", "gallery", "plot", "embed")
 EXPERIMENT_COMMANDS = ("sweep", "reproduce")
@@ -26,7 +26,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser, default: str | None = "cifar10") -> None:
-    from idaa.data.datasets import DATASETS
+    from idaa.data.memory import DATASETS
 
     p.add_argument("--dataset", default=default, choices=DATASETS)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset (not needed for digits)")
@@ -34,13 +34,13 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "cifar10") -> No
 
 
 def _add_stream(p: argparse.ArgumentParser, image_size: bool = False) -> None:
-    from idaa.data.sources import add_stream_arguments
+    from idaa.data.options import add_stream_arguments
 
     add_stream_arguments(p, image_size)
 
 
 def _sources(args: argparse.Namespace) -> object:
-    from idaa.data.sources import options_from
+    from idaa.data.options import options_from
 
     return options_from(args, getattr(args, "seed", 0))
 
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers[args.command](args)
     except IdaaError as exc:  # exit 2, or 75 for a write the filesystem refused (WriteFault)
-        print(f"idaa: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"idaa: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
         from idaa.fileio import write_fault

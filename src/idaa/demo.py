@@ -16,7 +16,7 @@ import torch
 from idaa.adversaries import IDAA
 from idaa.analysis import diagnose, embed, gallery, time_to_accuracy
 from idaa.analysis.setup import load_attack_setup
-from idaa.data.datasets import load_dataset
+from idaa.data.memory import load_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
 from idaa.nets import load_vae

@@ -9,7 +9,7 @@ from idaa.errors import IdaaError
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
-    from idaa.data.datasets import DATASETS
+    from idaa.data.memory import DATASETS
 
     p.add_argument("--vae", default=None, help="vae.pt for the IDAA attack (default: the one the run trained with)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's (or the VAE's)")
@@ -21,7 +21,7 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
                    "else 0.03")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    from idaa.data.sources import add_stream_arguments
+    from idaa.data.options import add_stream_arguments
 
     add_stream_arguments(p, image_size=False)  # a streamed set is cropped to the checkpoint's (or VAE's) size
 
@@ -68,7 +68,7 @@ def run_analysis(args: argparse.Namespace) -> None:
 def _diagnose(args: argparse.Namespace) -> None:
     from idaa.analysis.diagnose import format_table, run_diagnostic, write_diagnostic
     from idaa.analysis.setup import load_attack_setup
-    from idaa.data.sources import options_from
+    from idaa.data.options import options_from
 
     setup = load_attack_setup(args.checkpoint, args.vae, args.dataset, args.data_dir, args.split, args.eps_idaa,
                               args.eps_clae, args.device, args.seed, options_from(args, args.seed))
@@ -87,7 +87,7 @@ def _diagnose(args: argparse.Namespace) -> None:
 def _gallery(args: argparse.Namespace) -> None:
     from idaa.analysis.gallery import make_gallery
     from idaa.analysis.setup import load_attack_setup
-    from idaa.data.sources import options_from
+    from idaa.data.options import options_from
 
     setup = load_attack_setup(args.checkpoint, args.vae, args.dataset, args.data_dir, args.split, args.eps_idaa,
                               args.eps_clae, args.device, args.seed, options_from(args, args.seed))

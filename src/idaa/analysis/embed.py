@@ -18,11 +18,12 @@ import torch
 
 from idaa.analysis.plots import new_figure
 from idaa.checkpoints import load_method
-from idaa.data.datasets import balanced_indices
-from idaa.data.sources import checkpoint_options, open_dataset
+from idaa.data.memory import balanced_indices
+from idaa.data.options import checkpoint_options
+from idaa.data.sources import open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
-from idaa.errors import IdaaError
+from idaa.errors import IdaaError, one_line
 from idaa.evaluate.features import FeatureCache
 from idaa.fileio import atomic_write_bytes
 
@@ -85,7 +86,7 @@ def map_after_training(run_dir: str | Path, device: torch.device | str, seed: in
     try:
         info = embed_map(Path(run_dir) / "last.ckpt", device=str(device), seed=seed, progress=progress)
     except IdaaError as exc:  # e.g. no labelled test split: the training itself succeeded
-        print(f"note: no embedding map: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"note: no embedding map: {one_line(exc)}", file=sys.stderr)
         return
     print(f"embedding map ({info['method']}, {info['n']} test images) -> {info['png']}, {info['csv']}")
 

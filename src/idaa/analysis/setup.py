@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from idaa.adversaries import Adversary, build_adversary
 from idaa.checkpoints import build_from_config, load_method
-from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
+from idaa.data.options import StreamOptions, checkpoint_options
+from idaa.data.protocol import Source
+from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
@@ -34,7 +36,7 @@ class AttackSetup:
 
     method: Method
     config: dict[str, Any]
-    data: Dataset
+    data: Source
     views: ViewPolicy
     vae: VAE
     adversaries: dict[str, Adversary]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from idaa.data.formats import DataError
 from idaa.data.layouts import LAYOUTS, has_test_split, read_layout
-from idaa.data.streaming import default_workers
+from idaa.data.options import default_workers
+from idaa.data.shards import INDEX, ShardSource, pack_shards
 from idaa.data.unreadable import find_unreadable, header_problems
+from idaa.errors import DataError
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +44,6 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_data(args: argparse.Namespace) -> None:
     """Handler of `idaa data`: pack shards or print a layout's listing summary."""
     if args.data_command == "pack":
-        from idaa.data.shards import pack_shards
-
         index = pack_shards(args.dataset, args.folder, args.out, args.shard_size, args.test_fraction, args.seed,
                             progress=not args.no_progress)
         parts = [f"{name} {s['images']} images in {len(s['shards'])} shards" for name, s in index["splits"].items()]
@@ -83,10 +83,6 @@ def check_folder(layout: str, folder: str, workers: int | None = None, progress:
 
 def _list_shards(folder: str) -> None:
     """Summary of a shard folder's index: images and shards of each split, classes."""
-    import json
-
-    from idaa.data.shards import INDEX, ShardSource
-
     ShardSource(folder, "train")  # refuses a folder without an index or with missing shards
     index = json.loads((Path(folder) / INDEX).read_text())
     for split, part in index["splits"].items():

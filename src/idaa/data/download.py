@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
-from idaa.data.formats import DataError
+from idaa.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""Training batches from either source, so the training loops stay one loop: `make_feed(...).batches(epoch, order)`.
+"""Training batches from any `Source`, so the training loops stay one loop: `make_feed(...).batches(epoch, order)`.
 
 In memory, a batch is a slice of the device tensor and the view policy crops it on the device. Streamed, each
 sample's random-resized crops (one per view) are made in DataLoader workers from the full-resolution file and
-the view policy only adds flip and colour (`crop=False`). Either way a batch's rows are `order[lo:lo + local]`
-for this rank, so data-parallel ranks read disjoint shares of the epoch and a resume continues at any batch.
+the view policy only adds flip and colour (`crop=False`); a batch's rows are `order[lo:lo + local]` for this rank,
+so data-parallel ranks read disjoint shares of the epoch and a resume continues at any batch. From shards, the
+shards decide the order (`order` only sets the epoch length).
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from typing import Any, NamedTuple
 import torch
 
 from idaa import distributed as dist
-from idaa.data.datasets import ImageDataset
-from idaa.data.formats import DataError
-from idaa.data.sources import Dataset, StreamingDataset
-from idaa.data.streaming import EpochBatches, channels_first, image_loader
+from idaa.data.crops import EpochBatches, channels_first, image_loader
+from idaa.data.memory import ImageDataset
+from idaa.data.protocol import Source
+from idaa.data.shards import ShardSource
+from idaa.data.streamed import StreamingDataset
 from idaa.data.unreadable import Screen
 from idaa.data.views import crop_scale
+from idaa.errors import DataError
 
-__all__ = ["Batch", "StreamFeed", "TensorFeed", "make_feed"]
+__all__ = ["ShardFeed", "StreamFeed", "TensorFeed", "ViewBatch", "make_feed"]
 
 
-class Batch(NamedTuple):
+class ViewBatch(NamedTuple):
     """uint8 images for the first view, the second view and the source of extra views (random-view), + indices."""
 
     first: torch.Tensor
@@ -34,24 +37,25 @@ class Batch(NamedTuple):
 
 
 class TensorFeed:
-    """Batches sliced from the whole dataset held on the device; the view policy does all of the cropping."""
+    """Batches sliced from the whole dataset held on the device; the view policy does all of the cropping
+    (`policy` and `views` are the streaming feeds' and unused here)."""
 
     crops = False  # batches are whole images: views crop them
 
     def __init__(self, data: ImageDataset, device: torch.device, batch_size: int, local_batch: int,
-                 rank: int = 0) -> None:
+                 rank: int = 0, policy: str = "simclr", views: int = 2) -> None:
         self.images = data.images.to(device)
         self.batch_size, self.local_batch, self.rank = batch_size, local_batch, rank
         self.screen = Screen("error", device)  # decoded already: nothing is ever left out
         self.failure: str | None = None
 
-    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
+    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[ViewBatch]:
         """The epoch's batches for this rank from batch `first` on."""
         for i in range(first, len(order) // self.batch_size):
             lo = i * self.batch_size + self.rank * self.local_batch
             rows = order[lo:lo + self.local_batch]
             batch = self.images[rows]
-            yield Batch(batch, batch, batch, rows)
+            yield ViewBatch(batch, batch, batch, rows)
 
     def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
         """Nothing to report for data in memory."""
@@ -78,7 +82,7 @@ class StreamFeed:
         """Why the last pass stopped early (an unreadable image under --bad-images error), or None."""
         return self.screen.failure
 
-    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Batch]:
+    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[ViewBatch]:
         """The epoch's batches for this rank from batch `first` on; stops early (setting `failure`) on a bad file."""
         order = order.cpu()
         rows = [order[i * self.batch_size + self.rank * self.local_batch:][:self.local_batch].tolist()
@@ -91,7 +95,7 @@ class StreamFeed:
         return self.screen.report(write)
 
 
-def screened_batches(feed: Any, loader: Any, views: int, first: int = 0) -> Iterator[Batch]:
+def screened_batches(feed: Any, loader: Any, views: int, first: int = 0) -> Iterator[ViewBatch]:
     """Device batches from a loader's (crops, labels, indices, errors) through `feed.screen`: stop on an unreadable
     image (every rank at the same step) or, under --bad-images skip, leave it out: the batch is shorter."""
     feed.screen.start(first)
@@ -103,24 +107,51 @@ def screened_batches(feed: Any, loader: Any, views: int, first: int = 0) -> Iter
             crops, index = crops[keep], index[keep]
         crops = channels_first(crops, feed.device)
         if not feed.crops:
-            yield Batch(crops, crops, crops, index)
+            yield ViewBatch(crops, crops, crops, index)
         else:
-            yield Batch(crops[:, 0], crops[:, 1 % views], crops[:, -1], index)
+            yield ViewBatch(crops[:, 0], crops[:, 1 % views], crops[:, -1], index)
 
 
-def make_feed(data: Dataset, device: torch.device, batch_size: int, local_batch: int | None = None,
-              rank: int = 0, policy: str = "simclr", views: int = 2) -> TensorFeed | StreamFeed | Any:
-    """The feed for `data`: in memory or streamed; `views` crops per sample when streaming (3 for random-view)."""
-    local_batch = local_batch or batch_size
-    if not isinstance(data, ImageDataset | StreamingDataset):  # a shard folder: its shards decide the order
-        from idaa.data.shards import ShardFeed
+class ShardFeed:
+    """Training batches streamed from shards, seeded like the folder stream; `order` only sets the epoch length,
+    the shards decide the order."""
 
+    def __init__(self, data: ShardSource, device: torch.device, batch_size: int, local_batch: int, rank: int = 0,
+                 policy: str = "simclr", views: int = 2) -> None:
         options = data.options
-        return ShardFeed(data, device, local_batch, rank, dist.world_size(), crop_scale(policy), views,
-                         options.num_workers, options.seed, options.bad_images)
-    if isinstance(data, StreamingDataset):
-        return StreamFeed(data, device, batch_size, local_batch, rank, policy, views)
-    return TensorFeed(data, device, batch_size, local_batch, rank)
+        self.data, self.device, self.local_batch, self.rank, self.world = data, device, local_batch, rank, \
+            dist.world_size()
+        self.scale, self.views, self.workers, self.seed = crop_scale(policy), views, options.num_workers, options.seed
+        self.crops = self.scale is not None
+        self.screen = Screen(options.bad_images, device)
+        data.check_readers(self.world, self.workers)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last pass stopped early (an unreadable image under --bad-images error), or None."""
+        return self.screen.failure
+
+    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[ViewBatch]:
+        """This rank's batches of `epoch` from batch `first` on; stops early (setting `failure`) on a bad image."""
+        views = self.views if self.crops else 1
+        loader = self.data.train_loader(epoch, self.seed, self.local_batch, self.rank, self.world, self.workers,
+                                        self.scale, views, first)
+        yield from screened_batches(self, loader, views, first)
+
+    def end_epoch(self, write: Callable[[str], None] = print) -> dict[str, int]:
+        """The images left out this epoch under --bad-images skip ({} when none), with a warning."""
+        return self.screen.report(write)
+
+
+Feed = TensorFeed | StreamFeed | ShardFeed
+_FEEDS: dict[type, type[Feed]] = {ImageDataset: TensorFeed, StreamingDataset: StreamFeed, ShardSource: ShardFeed}
+
+
+def make_feed(data: Source, device: torch.device, batch_size: int, local_batch: int | None = None,
+              rank: int = 0, policy: str = "simclr", views: int = 2) -> Feed:
+    """The feed of `data`'s kind (in memory, streamed, shards); `views` crops per sample when streaming (3 for
+    random-view)."""
+    return _FEEDS[type(data)](data, device, batch_size, local_batch or batch_size, rank, policy, views)
 
 
 def stopped_by_bad_image(failure: str, checkpoint: str) -> DataError:

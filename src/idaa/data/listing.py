@@ -1,93 +1,44 @@
-"""Low-level readers shared by the dataset loaders: safe pickles, image decoding and the decode cache."""
+"""Listings of image files, never their pixels: folder scanning, the `Listing` of a split, the header cache of a
+listing (sizes, readability, digest), and the one normalisation statistic of a set of image files.
+
+The statistic is the same function for a folder read in memory, a streamed folder and the shards packed from it,
+so the same images always get the same mean and std.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import json
 import os
-import pickle
-import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from idaa.errors import IdaaError
+from idaa.data.crops import CropDataset, EpochBatches, image_loader
+from idaa.data.decode import oriented_size
+from idaa.errors import DataError, exception_text, warn
+
+__all__ = ["IMAGE_EXTENSIONS", "Listing", "channel_stats", "describe_files", "image_stats", "list_images",
+           "scan_labelled", "subfolders"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_VERSION = 2  # 2: EXIF orientation applied
-
-# Globals a CIFAR pickle may reference; anything else is refused so a hostile pickle cannot run code.
-_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
+LISTING_VERSION = 1
+STATS_IMAGES, STATS_SIDE = 2000, 64
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
-class DataError(IdaaError, ValueError):
-    """Bad or missing data; the message is one line that names the file or folder at fault."""
+@dataclass
+class Listing:
+    """One split of a collection: image paths, integer labels (-1 = unlabelled) and class names, never pixels."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
-
-
-def one_line(text: object) -> str:
-    """Collapse any message to a single line so errors stay readable in logs and CLIs."""
-    return " ".join(str(text).split())
-
-
-def _reason(exc: BaseException) -> str:
-    """Describe an exception in one line, falling back to its type when it has no message."""
-    return one_line(exc) or type(exc).__name__
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays and plain containers (what CIFAR pickles hold)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Resolve only the numpy globals CIFAR pickles need; refuse everything else."""
-        canonical = module.replace("numpy._core", "numpy.core")
-        if (canonical, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if canonical.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
-            canonical = canonical.replace("numpy.core", "numpy._core")
-        return getattr(importlib.import_module(canonical), name)
-
-
-def read_pickle(path: Path) -> dict:
-    """Load a CIFAR-style pickle (bytes keys) safely, turning any parse failure into a DataError."""
-    try:
-        with open(path, "rb") as f:
-            obj = _SafeUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise DataError(f"missing file '{path}'") from None
-    except OSError as exc:
-        raise DataError(f"cannot read file '{path}': {_reason(exc)}") from exc
-    except Exception as exc:  # pickle raises many types (EOFError, UnpicklingError, ValueError, ...)
-        raise DataError(f"corrupt or truncated file '{path}': {_reason(exc)}") from exc
-    if not isinstance(obj, dict):
-        raise DataError(f"corrupt file '{path}': expected a pickled dict, got {type(obj).__name__}")
-    return obj
-
-
-def pickle_field(obj: dict, key: str, path: Path) -> Any:
-    """Fetch a field stored under a bytes or str key, naming the file when it is absent."""
-    for k in (key.encode(), key):
-        if k in obj:
-            return obj[k]
-    raise DataError(f"corrupt file '{path}': no '{key}' entry")
-
-
-def as_text(value: Any) -> str:
-    """Decode a bytes class name from a python-2 pickle into str."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    files: list[Path]
+    labels: list[int]
+    classes: list[str] = field(default_factory=list)
 
 
 def list_images(folder: Path, recursive: bool = True) -> list[Path]:
@@ -99,7 +50,7 @@ def list_images(folder: Path, recursive: bool = True) -> list[Path]:
         try:
             entries = list(os.scandir(current))
         except OSError as exc:
-            raise DataError(f"cannot list folder '{current}': {_reason(exc)}") from exc
+            raise DataError(f"cannot list folder '{current}': {exception_text(exc)}") from exc
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -137,117 +88,6 @@ def scan_labelled(
     return files, labels, list(classes)
 
 
-def _open_rgb(path: Path) -> np.ndarray:
-    """Decode one image file to an H x W x 3 uint8 array (EXIF-oriented, any mode to RGB), naming it if unreadable."""
-    from idaa.data.streaming import read_rgb  # the one decoder of both paths (lazy: streaming imports this module)
-
-    return read_rgb(path)
-
-
-def _size_error(first: Path, first_shape: tuple, other: Path, other_shape: tuple) -> DataError:
-    """Build the mixed-size error naming two files and their W x H sizes."""
-    return DataError(
-        f"images differ in size: '{first}' is {first_shape[1]}x{first_shape[0]} but '{other}' is "
-        f"{other_shape[1]}x{other_shape[0]} (WxH); resize all images to one size before loading"
-    )
-
-
-def decode_images(files: Sequence[Path], workers: int | None = None) -> torch.Tensor:
-    """Decode image files into one contiguous uint8 N x 3 x H x W tensor (all must share one size)."""
-    if not files:
-        raise DataError("no image files to decode")
-    first = _open_rgb(files[0])
-    shape = first.shape
-    out = np.empty((len(files), 3, shape[0], shape[1]), dtype=np.uint8)
-    out[0] = first.transpose(2, 0, 1)
-
-    def fill(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            arr = _open_rgb(files[i])
-            if arr.shape != shape:
-                raise _size_error(files[0], shape, files[i], arr.shape)
-            out[i] = arr.transpose(2, 0, 1)
-
-    n = len(files)
-    if workers is None:  # per-file Python overhead dominates small images, where threads only add contention
-        workers = 1 if shape[0] * shape[1] < 64 * 64 else min(8, os.cpu_count() or 1)
-    if workers <= 1 or n <= workers:
-        fill(1, n)
-    else:
-        bounds = np.linspace(1, n, workers * 4 + 1).astype(int)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(fill, bounds[:-1], bounds[1:]):  # re-raises the earliest failing chunk
-                pass
-    return torch.from_numpy(out)
-
-
-def fingerprint(files: Sequence[Path], labels: Sequence[int], classes: Sequence[str], base: Path) -> str:
-    """Cheap key for a file listing: names, labels, count, total size and newest mtime."""
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{len(files)}|{'/'.join(classes)}".encode())
-    total, newest = 0, 0
-    prefix = str(base) + os.sep
-    for path, label in zip(files, labels, strict=True):
-        name = str(path)
-        st = os.stat(name)
-        total += st.st_size
-        newest = max(newest, st.st_mtime_ns)
-        digest.update(f"{name.removeprefix(prefix)}\0{label}\n".encode())
-    digest.update(f"|{total}|{newest}".encode())
-    return digest.hexdigest()
-
-
-def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
-    """Return the cached decode if the file exists and matches key; any problem means a miss."""
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("fingerprint") != key:
-            return None
-        images, labels, classes = blob["images"], blob["labels"], list(blob["classes"])
-    except Exception:  # stale, partial or foreign file: fall back to decoding
-        return None
-    if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape != (images.shape[0],):
-        return None
-    return images.contiguous(), labels.to(torch.int64), classes
-
-
-def _write_cache(
-    path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, classes: list[str]
-) -> None:
-    """Atomically save a decode next to the data; silently skip when the folder is not writable."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"fingerprint": key, "images": images, "labels": labels, "classes": classes}, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
-    except (OSError, RuntimeError):
-        pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def load_image_files(
-    files: Sequence[Path], labels: Sequence[int], classes: list[str], cache: Path | None
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode files (or reuse the cache file when its fingerprint matches) into images/labels/classes."""
-    key = fingerprint(files, labels, classes, cache.parent) if cache is not None else ""
-    if cache is not None:
-        hit = _read_cache(cache, key)
-        if hit is not None:
-            return hit
-    images = decode_images(files)
-    label_tensor = torch.tensor(list(labels), dtype=torch.int64)
-    if cache is not None:
-        _write_cache(cache, key, images, label_tensor, classes)
-    return images, label_tensor, classes
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -267,3 +107,113 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
     m, s = (mean / 255).tolist(), (std / 255).tolist()
     return (m[0], m[1], m[2]), (s[0], s[1], s[2])
+
+
+def describe_files(root: Path, split: str, files: list[str], labels: list[int],
+                   bad_images: str) -> tuple[list[int], np.ndarray, str]:
+    """Readable rows, their (width, height) from the headers and a digest, with the headers cached by file."""
+    cache_path = root / f".idaa-listing-{split}.json"
+    cached = _read_json(cache_path).get("files", {})
+    entries: dict[str, list[int]] = {}
+    kept, sizes, bad = [], [], []
+    digest = hashlib.sha1(f"v{LISTING_VERSION}|{len(files)}".encode())
+    prefix = str(root) + os.sep
+    for i, (path, label) in enumerate(zip(files, labels, strict=True)):
+        rel = path.removeprefix(prefix)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image '{path}': {exc.strerror}") from None
+        entry = cached.get(rel)
+        if entry is None or entry[:2] != [st.st_size, st.st_mtime_ns]:
+            entry = [st.st_size, st.st_mtime_ns, *_header_size(path)]
+        if entry[2] <= 0 and bad_images == "error":
+            raise DataError(f"cannot read image '{path}': not a readable image file (--bad-images skip leaves it out)")
+        entries[rel] = entry
+        digest.update(f"{rel}\0{label}\0{entry[0]}\0{entry[1]}\n".encode())
+        if entry[2] <= 0:
+            bad.append(path)
+            continue
+        kept.append(i)
+        sizes.append(entry[2:])
+    if entries != cached:
+        _write_json(cache_path, {"files": entries})
+    if bad:
+        warn(f"skipped {len(bad)} unreadable file(s) in '{root}', e.g. '{bad[0]}'")
+    if not kept:
+        raise DataError(f"folder '{root}' contains no readable images")
+    return kept, np.asarray(sizes, dtype=np.int64).reshape(-1, 2), digest.hexdigest()
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone; (0, 0) for a file that is no readable image."""
+    try:
+        with Image.open(path) as img:
+            return oriented_size(img)
+    except Exception:  # not an image, or an unreadable header
+        return 0, 0
+
+
+def image_stats(root: Path, files: Sequence[str | Path], workers: int = 0) -> Stats:
+    """Per-channel mean/std of centre crops of a seeded sample of image files, cached beside them: THE normalisation
+    of a folder, whether it is read in memory, streamed or packed into shards (so a VAE trained on one fits all).
+
+    The crops are STATS_SIDE px, or the smallest sampled side when smaller, so small images are measured at their
+    own resolution, not upsampled. The cache is a file of its own: the listing of a 100k-image folder is ~100 MB of
+    Python objects once parsed, and re-reading it here would grow the main process (and its workers) by as much.
+    """
+    rows = np.sort(np.random.default_rng(0).permutation(len(files))[:STATS_IMAGES])
+    picked = [str(files[i]) for i in rows]
+    digest = _sample_digest(root, picked, len(files))
+    cache_path = root / ".idaa-stats-train.json"
+    saved = _read_json(cache_path).get("stats", {})
+    if saved.get("digest") == digest:
+        return tuple(saved["mean"]), tuple(saved["std"])
+    sides = [min(size) for size in map(_header_size, picked) if min(size) > 0]
+    side = min([STATS_SIDE, *sides])
+    data = CropDataset(picked, [0] * len(picked), side)
+    batches = EpochBatches()
+    batches.set(None, [list(range(i, min(i + 100, len(picked)))) for i in range(0, len(picked), 100)])
+    total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for crops, _, _, errors in image_loader(data, batches, min(workers, len(batches) - 1), torch.device("cpu")):
+        x = crops[torch.tensor([not e for e in errors])].to(torch.float64) / 255
+        total, total_sq, count = total + x.sum((0, 2, 3)), total_sq + (x * x).sum((0, 2, 3)), count + x[:, 0].numel()
+    if count == 0:
+        raise DataError(f"folder '{root}' contains no readable images")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    stats = {"digest": digest, "mean": mean.tolist(), "std": std.tolist()}
+    _write_json(cache_path, {"stats": stats})
+    return tuple(stats["mean"]), tuple(stats["std"])  # type: ignore[return-value]
+
+
+def _sample_digest(root: Path, picked: list[str], total: int) -> str:
+    """What the statistic depends on: the sampled files (relative names, sizes, times) and the listing's length."""
+    digest = hashlib.sha1(f"v{LISTING_VERSION}|{total}".encode())
+    prefix = str(root) + os.sep
+    for path in picked:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image '{path}': {exc.strerror}") from None
+        digest.update(f"{path.removeprefix(prefix)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    digest.update(f"|side {STATS_SIDE}".encode())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return blob if isinstance(blob, dict) and blob.get("version") == LISTING_VERSION else {}
+
+
+def _write_json(path: Path, blob: dict[str, Any]) -> None:
+    """Atomically write a listing cache; a read-only data folder simply goes uncached."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({**blob, "version": LISTING_VERSION}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from idaa.data.download import ARCHIVES, download_and_extract
-from idaa.data.formats import (
-    DataError,
-    as_text,
-    channel_stats,
-    list_images,
-    load_image_files,
-    pickle_field,
-    read_pickle,
-    scan_labelled,
-    subfolders,
-)
+from idaa.data.folder_cache import load_image_files
+from idaa.data.layouts.folder import read_folder
+from idaa.data.listing import channel_stats, image_stats, list_images
+from idaa.data.options import StreamOptions
+from idaa.data.pickles import as_text, pickle_field, read_pickle
+from idaa.data.protocol import rank_share
+from idaa.errors import DataError
 
-__all__ = ["DATASETS", "DataError", "ImageDataset", "STATS", "load_dataset"]
+__all__ = ["DATASETS", "ImageDataset", "STATS", "balanced_indices", "load_dataset"]
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "stl10", "tinyimagenet", "folder", "digits")
 
@@ -52,6 +48,7 @@ class ImageDataset:
     name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    options: StreamOptions = field(default_factory=StreamOptions)  # decoded already: only the seed and workers count
 
     def __post_init__(self) -> None:
         """Check the tensor layout once so every consumer can rely on it."""
@@ -99,6 +96,7 @@ class ImageDataset:
             name=self.name,
             mean=self.mean,
             std=self.std,
+            options=self.options,
         )
 
     def take(self, n: int, seed: int = 0) -> ImageDataset:
@@ -106,6 +104,12 @@ class ImageDataset:
         if not 0 <= n <= len(self):
             raise DataError(f"cannot take {n} samples from {self.name} with {len(self)} samples")
         return self.subset(balanced_indices(self.labels, n, seed))
+
+    def labelled_share(self, rank: int, world: int, batch_size: int,
+                       workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) batches of this rank's block of rows, in order."""
+        rows = rank_share(len(self), rank, world)
+        return zip(self.images[rows].split(batch_size), self.labels[rows].split(batch_size), strict=True)
 
 
 def balanced_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -146,11 +150,6 @@ def _normalise_split(name: str, split: str) -> str:
     return key
 
 
-def _first_dir(*candidates: Path) -> Path | None:
-    """The first candidate that is an existing directory."""
-    return next((c for c in candidates if c.is_dir()), None)
-
-
 def _cifar_pickle_root(root: Path, name: str) -> Path | None:
     """Folder holding the CIFAR pickles: root/<archive folder> or root itself."""
     folder = ARCHIVES[name].folder
@@ -168,15 +167,10 @@ def _jpg_root(root: Path, name: str) -> Path | None:
     return None
 
 
-def _split_folder(base: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _decode_folder(base: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Load base/<split>/<class>/ images with classes taken from base/train so labels agree across splits."""
-    train_classes = [p.name for p in subfolders(base / "train")]
-    if not train_classes:
-        raise DataError(f"folder '{base / 'train'}' has no class subfolders (expected train/<class>/*.jpg)")
-    files, labels, classes = scan_labelled(base / split, train_classes)
-    if not files:
-        raise DataError(f"folder '{base / split}' contains no images")
-    return load_image_files(files, labels, classes, base / f".idaa-cache-{split}.pt")
+    listing = read_folder(base, split)
+    return load_image_files(listing.files, listing.labels, listing.classes, base / f".idaa-cache-{split}.pt")
 
 
 def _load_cifar(root: Path, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -185,7 +179,7 @@ def _load_cifar(root: Path, name: str, split: str) -> tuple[torch.Tensor, torch.
     if folder is None:
         base = _jpg_root(root, name)
         if base is not None:
-            return _split_folder(base, split)
+            return _decode_folder(base, split)
         raise DataError(
             f"no {name} data in '{root}': expected '{ARCHIVES[name].folder}/' python pickles, "
             f"train/<class>/*.jpg + test/<class>/*.jpg or {name}_jpg/train/... (or pass download=True)"
@@ -308,22 +302,6 @@ def _load_tinyimagenet(root: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     return load_image_files(files, labels, classes, folder / f".idaa-cache-{split}.pt")
 
 
-def _load_folder(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read root/<class>/* (labelled), root/{train,test}/<class>/* (split) or a flat folder (unlabelled)."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return _split_folder(root, split)
-    if split != "train":
-        raise DataError(f"folder '{root}' has no '{split}' subfolder (expected {root}/train and {root}/test)")
-    cache = root / f".idaa-cache-{split}.pt"
-    if subfolders(root):
-        files, labels, classes = scan_labelled(root)
-        return load_image_files(files, labels, classes, cache)
-    files = list_images(root, recursive=False)
-    if not files:
-        raise DataError(f"folder '{root}' is empty: expected <class>/*.jpg subfolders or .jpg/.png/... files")
-    return load_image_files(files, [-1] * len(files), [], cache)
-
-
 def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """scikit-learn's 8x8 digits as 0..255 32x32 RGB with a fixed stratified 80/20 train/test split."""
     from sklearn.datasets import load_digits
@@ -353,7 +331,7 @@ def _load_raw(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Te
         return _load_stl10(root, split)
     if name == "tinyimagenet":
         return _load_tinyimagenet(root, split)
-    return _load_folder(root, split)
+    return _decode_folder(root, split)  # a plain folder: its layout's one reader
 
 
 def load_dataset(
@@ -387,9 +365,6 @@ def load_dataset(
     images, labels, classes = _load_raw(name, root, split)
     if len(images) == 0:
         raise DataError(f"{name} {split} split in '{root}' has no images")
-    if name == "folder":
-        train = images if split == "train" else _load_raw(name, root, "train")[0]
-        stats = channel_stats(train)
-    else:
-        stats = STATS[name]
+    # a folder has the normalisation of its files, the same when streamed or packed into shards
+    stats = image_stats(root, read_folder(root, "train").files) if name == "folder" else STATS[name]
     return ImageDataset(images, labels, classes, name, *stats)

@@ -25,22 +25,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from idaa.data.formats import IMAGE_EXTENSIONS, DataError, channel_stats
-from idaa.data.layouts import Listing, has_test_split, layout_name, read_layout
-from idaa.data.streaming import center_crop, crop_views, stack_crops
-from idaa.data.unreadable import Screen, without_unreadable
+from idaa.data.crops import CropBatch, center_crop, crop_views, stack_crops
+from idaa.data.layouts import has_test_split, layout_name, read_layout
+from idaa.data.listing import IMAGE_EXTENSIONS, Listing, image_stats
+from idaa.data.options import StreamOptions
+from idaa.data.unreadable import without_unreadable
 from idaa.devices import release_free_memory
-from idaa.errors import WriteFault
+from idaa.errors import DataError, WriteFault, exception_text
 from idaa.fileio import reporting_write_faults
 
 __all__ = ["INDEX", "ShardSource", "is_shard_folder", "pack_shards"]
 
 INDEX = "index.json"
 FORMAT = "idaa-shards/1"
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _SHUFFLE_BUFFER = 1000  # samples mixed across a worker's shards, so one batch is not one shard's run of images
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 
 
 def is_shard_folder(path: str | Path) -> bool:
@@ -80,7 +79,7 @@ def _pack(listings: dict[str, Listing], layout: str, root: Path, out: Path, stag
     total = sum(len(listing.files) for listing in listings.values())
     with tqdm(total=total, desc="pack", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         splits = {name: _write_split(staging, name, listing, shard_size, bar) for name, listing in listings.items()}
-    mean, std = _stats(layout_name(layout) or layout, listings["train"])
+    mean, std = image_stats(root, listings["train"].files)  # the folder's own: a VAE trained on it fits the shards
     index = {"format": FORMAT, "layout": layout_name(layout), "source": str(root.resolve()),
              "classes": listings["train"].classes, "mean": list(mean), "std": list(std), "splits": splits}
     (staging / INDEX).write_text(json.dumps(index, indent=1))
@@ -127,26 +126,11 @@ def _sample(path: Path, label: int, index: int) -> dict[str, Any]:
     return {"__key__": f"{index:09d}", extension: data, "cls": str(label), "idx": str(index)}
 
 
-def _stats(layout: str, listing: Listing, count: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation: ImageNet's for the ImageNet layouts, else measured on `count` evenly spread images."""
-    if layout in ("imagenet", "imagenet100"):
-        return IMAGENET_STATS
-    picks = np.unique(np.linspace(0, len(listing.files) - 1, min(count, len(listing.files))).round().astype(int))
-    crops = []
-    for i in picks:
-        try:
-            crops.append(center_crop(listing.files[i], 64))
-        except DataError:  # a truncated file: the reader reports it when it meets it
-            continue
-    if not crops:
-        raise DataError(f"none of the {len(picks)} images sampled for the mean/std could be decoded")
-    return channel_stats(torch.stack(crops))
-
-
 class ShardSource:
     """One split of a shard folder: its shards, classes and normalisation, and loaders that stream it."""
 
-    def __init__(self, folder: str | Path, split: str = "train", image_size: int = 224) -> None:
+    def __init__(self, folder: str | Path, split: str = "train", image_size: int = 224,
+                 options: StreamOptions | None = None) -> None:
         self.folder = Path(folder).expanduser()
         index_path = self.folder / INDEX
         if not self.folder.is_dir():
@@ -172,7 +156,7 @@ class ShardSource:
         self.classes: list[str] = list(index["classes"])
         self.labels = torch.tensor(index["splits"][split]["labels"], dtype=torch.int64)  # by index in the split
         self.mean, self.std = tuple(index["mean"]), tuple(index["std"])
-        self.options: Any = None  # the StreamOptions (workers, seed, bad images) set by idaa.data.sources
+        self.options = options or StreamOptions()  # workers, seed, bad images
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -220,7 +204,7 @@ class ShardSource:
                 "first": first, "size": self.image_size, "scale": scale, "views": views}
         return ShardBatches(_ShardStream(mine, spec), workers, steps - first)
 
-    def eval_batches(self, rank: int, world: int, batch_size: int = 256, workers: int = 0) -> Iterator[Batch]:
+    def eval_batches(self, rank: int, world: int, batch_size: int = 256, workers: int = 0) -> Iterator[CropBatch]:
         """Centre crops of this rank's shards (every image once over all ranks; a rank may get none); under
         --bad-images skip without the images that do not decode."""
         mine = list(zip(self.shards, self.counts, strict=True))[rank::world]
@@ -228,9 +212,19 @@ class ShardSource:
             return iter(())
         spec = {"mode": "eval", "batch": batch_size, "size": self.image_size}
         batches = iter(ShardBatches(_ShardStream(mine, spec), min(workers, len(mine)), None))
-        if getattr(self.options, "bad_images", "error") == "skip":  # left out with their labels, never zeros
+        if self.options.bad_images == "skip":  # left out with their labels, never zeros
             return map(without_unreadable, batches)
         return batches
+
+    def labelled_share(self, rank: int, world: int, batch_size: int,
+                       workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 centre crops, labels) of this rank's shards; an image that does not decode stops it (one line),
+        except under --bad-images skip, which leaves it out."""
+        for images, labels, _, errors in self.eval_batches(rank, world, batch_size, workers):
+            bad = next((e for e in errors if e), None)
+            if bad:
+                raise DataError(bad)
+            yield images, labels
 
 
 class ShardBatches:
@@ -247,7 +241,7 @@ class ShardBatches:
     def __len__(self) -> int:
         return self.length or 0
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[CropBatch]:
         return (batch for batch in self.loader if batch is not None)
 
 
@@ -258,7 +252,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.shards, self.spec = shards, spec
 
-    def __iter__(self) -> Iterator[Batch | None]:
+    def __iter__(self) -> Iterator[CropBatch | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = self.shards[worker::workers]
@@ -279,7 +273,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for number, rows in zip(numbers, _chunks(passes(), s["batch"], None), strict=False):
             yield self._decode(rows) if number >= s["first"] else None
 
-    def _decode(self, rows: list[dict[str, Any]]) -> Batch:
+    def _decode(self, rows: list[dict[str, Any]]) -> CropBatch:
         """Crops (train: seeded by the stored index) or centre crops (eval) of a list of raw samples."""
         s = self.spec
         centre = s["mode"] == "eval" or s["scale"] is None  # no crop policy (FixMatch views): centre crops
@@ -291,11 +285,11 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 error = f"shard '{row.get('__url__')}' sample '{row.get('__key__')}' holds no image"
             crop = None
             if not error:
-                source = io.BytesIO(image)
-                source.name = f"{row.get('__url__')}:{row.get('__key__')}"  # DataError messages name the sample
+                encoded = io.BytesIO(image)
+                encoded.name = f"{row.get('__url__')}:{row.get('__key__')}"  # DataError messages name the sample
                 try:
-                    crop = center_crop(source, s["size"]) if centre else crop_views(
-                        source, index, s["epoch"], s["seed"], s["size"], s["scale"], s["views"])
+                    crop = center_crop(encoded, s["size"]) if centre else crop_views(
+                        encoded, index, s["epoch"], s["seed"], s["size"], s["scale"], s["views"])
                 except DataError as exc:
                     error = str(exc)
             if crop is None:  # fills the row only: the caller stops or leaves it out, as with the folder stream
@@ -328,8 +322,7 @@ def _read(shards: list[str]) -> Iterator[dict[str, Any]]:
         try:
             yield from wds.tarfile_samples([{"url": shard}])
         except Exception as exc:  # tarfile and webdataset raise many types for a truncated or foreign file
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            yield {"__url__": shard, "__key__": "?", "error": f"cannot read shard '{shard}': {reason}"}
+            yield {"__url__": shard, "__key__": "?", "error": f"cannot read shard '{shard}': {exception_text(exc)}"}
 
 
 def _shuffled(samples: Iterator[dict[str, Any]], rng: np.random.Generator, size: int) -> Iterator[dict[str, Any]]:
@@ -344,35 +337,3 @@ def _shuffled(samples: Iterator[dict[str, Any]], rng: np.random.Generator, size:
         yield sample
     rng.shuffle(buffer)
     yield from buffer
-
-
-class ShardFeed:
-    """Training batches streamed from shards, with the interface of idaa.data.feeds' feeds (`batches`, `crops`,
-    `failure`, `end_epoch`); `order` only sets the epoch length, the shards decide the order."""
-
-    def __init__(self, data: ShardSource, device: torch.device, local_batch: int, rank: int, world: int,
-                 scale: tuple[float, float] | None, views: int = 2, workers: int = 0, seed: int = 0,
-                 bad_images: str = "error") -> None:
-        self.data, self.device, self.local_batch, self.rank, self.world = data, device, local_batch, rank, world
-        self.scale, self.views, self.workers, self.seed, self.bad_images = scale, views, workers, seed, bad_images
-        self.crops = scale is not None
-        self.screen = Screen(bad_images, device)
-        data.check_readers(world, workers)
-
-    @property
-    def failure(self) -> str | None:
-        """Why the last pass stopped early (an unreadable image under --bad-images error), or None."""
-        return self.screen.failure
-
-    def batches(self, epoch: int, order: torch.Tensor, first: int = 0) -> Iterator[Any]:
-        """This rank's batches of `epoch` from batch `first` on; stops early (setting `failure`) on a bad image."""
-        from idaa.data.feeds import screened_batches
-
-        views = self.views if self.crops else 1
-        loader = self.data.train_loader(epoch, self.seed, self.local_batch, self.rank, self.world, self.workers,
-                                        self.scale, views, first)
-        yield from screened_batches(self, loader, views, first)
-
-    def end_epoch(self, write: Any = print) -> dict[str, int]:
-        """The images left out this epoch under --bad-images skip ({} when none), with a warning."""
-        return self.screen.report(write)

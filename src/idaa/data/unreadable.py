@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from idaa import distributed as dist
-from idaa.data.formats import DataError
-from idaa.data.streaming import read_rgb
+from idaa.data.crops import CropBatch
+from idaa.data.decode import read_rgb
+from idaa.errors import DataError, exception_text, warn
 
-__all__ = ["Screen", "find_unreadable", "header_problems", "readable", "warn", "without_unreadable"]
+__all__ = ["Screen", "find_unreadable", "header_problems", "readable", "without_unreadable"]
 
 CHECK_CACHE = ".idaa-decoded.json"  # beside the files: {relative path: [size, mtime_ns, reason ('' decodes)]}
 CHECK_VERSION = 1
-
-
-def warn(message: str) -> None:
-    """A counted, one-line warning on stderr (bad images skipped)."""
-    print(f"idaa: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 class Screen:
@@ -82,8 +77,7 @@ class Screen:
         return {"bad_images": self.left_out}
 
 
-def without_unreadable(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def without_unreadable(batch: CropBatch) -> CropBatch:
     """A decoded (crops, labels, indices, errors) batch without the rows whose file did not decode."""
     crops, labels, indices, errors = batch
     if not any(errors):
@@ -113,7 +107,7 @@ def _header_reason(path: str | Path) -> str:
         with Image.open(path) as img:
             img.size  # noqa: B018
     except Exception as exc:  # OSError, PIL's UnidentifiedImageError, SyntaxError, ValueError...
-        return f"not a readable image file ({' '.join(str(exc).split()) or type(exc).__name__})"
+        return f"not a readable image file ({exception_text(exc)})"
     return ""
 
 

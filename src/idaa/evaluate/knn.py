@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from idaa.checkpoints import load_method
-from idaa.data.sources import StreamOptions, checkpoint_options, open_dataset
+from idaa.data.options import StreamOptions, checkpoint_options
+from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device

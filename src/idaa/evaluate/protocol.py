@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from idaa.checkpoints import load_method
-from idaa.data.sources import Dataset, StreamOptions, checkpoint_options, open_dataset
+from idaa.data.options import StreamOptions, checkpoint_options
+from idaa.data.protocol import Source
+from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
@@ -67,7 +69,7 @@ def check_options(opts: LinearEvalOptions) -> None:
                         "trains to convergence)")
 
 
-def _labelled(data: Dataset, split: str) -> Dataset:
+def _labelled(data: Source, split: str) -> Source:
     if len(data) == 0 or bool((data.labels < 0).any()):
         raise IdaaError(f"linear evaluation needs labelled images; the {data.name} {split} split has unlabelled ones")
     return readable(data)  # under --bad-images skip without the files that do not decode
@@ -145,7 +147,7 @@ def linear_eval(checkpoint: str, opts: LinearEvalOptions, transfer: bool = False
     return result
 
 
-def _augmented_probe(embed: Embed, train: Dataset, eval_view: ViewPolicy, size: int, meta: dict[str, Any],
+def _augmented_probe(embed: Embed, train: Source, eval_view: ViewPolicy, size: int, meta: dict[str, Any],
                      dev: torch.device, num_classes: int,
                      opts: LinearEvalOptions) -> tuple[LinearProbe, dict[str, Any], dict[str, Any]]:
     """The paper's protocol: fresh random crops/flips of every training image each epoch (no cache there)."""

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from idaa.adversaries import Adversary, build_adversary
-from idaa.data.sources import Dataset, open_dataset
+from idaa.data.protocol import Source
+from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
@@ -94,8 +95,8 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 class _Run:
     """Everything a run needs, built and validated before the run folder is touched."""
 
-    train: Dataset
-    test: Dataset | None
+    train: Source
+    test: Source | None
     labelled: torch.Tensor
     unlabelled: torch.Tensor
     model: Classifier
@@ -111,7 +112,7 @@ class _Run:
         self.images, self.labels = self.train.images.to(self.device), self.train.labels.to(self.device)
 
 
-def _load_data(cfg: SemiConfig) -> tuple[Dataset, Dataset | None]:
+def _load_data(cfg: SemiConfig) -> tuple[Source, Source | None]:
     train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)

@@ -8,20 +8,17 @@ one a single process gets. Every rank must call the monitor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 
 from idaa import distributed as dist
-from idaa.data.sources import labelled_batches
+from idaa.data.protocol import Source
 from idaa.data.views import build_view_policy
 from idaa.errors import IdaaError
 from idaa.evaluate.knn import knn_predict
 from idaa.methods import Method
 from idaa.train.config import PretrainConfig
 
-__all__ = ["KNNMonitor", "rank_share"]
+__all__ = ["KNNMonitor"]
 
 BATCH = 512
 
@@ -29,12 +26,12 @@ BATCH = 512
 class KNNMonitor:
     """Online kNN accuracy: training images (eval view) as the bank, the test split as queries.
 
-    `train` and `test` are datasets (`images` and `labels` indexable by a block of rows: an ImageDataset or a
-    StreamingDataset) or shard sources, whose `eval_batches(rank, world, batch_size, workers)` yields
-    (uint8 images, labels, indices, errors) of a disjoint share of the shards per rank.
+    `train` and `test` are any `Source` (in memory, streamed or shards): each rank embeds its disjoint share,
+    `labelled_share(rank, world, batch_size, workers)`.
     """
 
-    def __init__(self, train: Any, test: Any, cfg: PretrainConfig, device: torch.device, workers: int = 0) -> None:
+    def __init__(self, train: Source, test: Source, cfg: PretrainConfig, device: torch.device,
+                 workers: int = 0) -> None:
         self.train, self.test, self.cfg, self.device, self.workers = train, test, cfg, device, workers
         self.view = build_view_policy("eval", train.image_size, train.mean, train.std).to(device)
         self.num_classes = max(len(train.classes), int(train.labels.max()) + 1)
@@ -58,32 +55,14 @@ class KNNMonitor:
         correct, total = dist.sum_over_ranks(counts).tolist()
         return 100.0 * correct / max(total, 1)
 
-    def _embed(self, method: Method, source: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (float, on the device) and labels of this rank's share of `source`."""
+    def _embed(self, method: Method, split: Source) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (float, on the device) and labels of this rank's share of `split`."""
         features, labels = [], []
-        for images, targets in _share(source, dist.rank(), dist.world_size(), self.workers):
+        for images, targets in split.labelled_share(dist.rank(), dist.world_size(), BATCH, self.workers):
             features.append(method.embed_for_eval(self.view(images.to(self.device, non_blocking=True))).float())
             labels.append(targets.to(self.device))
         if not features:  # a rank without images still joins the gathers, with zero rows of the right width
-            width = method.embed_for_eval(self.view(torch.zeros(1, 3, source.image_size, source.image_size,
+            width = method.embed_for_eval(self.view(torch.zeros(1, 3, split.image_size, split.image_size,
                                                                 dtype=torch.uint8, device=self.device))).shape[1]
             return torch.zeros(0, width, device=self.device), torch.zeros(0, dtype=torch.int64, device=self.device)
         return torch.cat(features), torch.cat(labels)
-
-
-def rank_share(n: int, rank: int, world: int) -> slice:
-    """The contiguous block of n items that `rank` of `world` handles (sizes differ by at most one)."""
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
-def _share(source: Any, rank: int, world: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) batches of this rank's share: a block of an in-memory dataset, or a stream's share."""
-    if not hasattr(source, "eval_batches"):
-        block = rank_share(len(source), rank, world)
-        yield from labelled_batches(source, block, BATCH)  # unreadable files left out under skip
-        return
-    for images, labels, _, errors in source.eval_batches(rank, world, BATCH, workers):
-        bad = next((e for e in errors if e), None)
-        if bad:
-            raise IdaaError(bad)
-        yield images, labels

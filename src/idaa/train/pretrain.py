@@ -18,7 +18,8 @@ from idaa import distributed as dist
 from idaa.adversaries import build_adversary
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data.feeds import make_feed, stopped_by_bad_image
-from idaa.data.sources import Dataset, open_dataset
+from idaa.data.protocol import Source
+from idaa.data.sources import open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import tune_cpu_allocator
 from idaa.errors import IdaaError, WriteFault
@@ -62,7 +63,7 @@ def build_optimizer(cfg: PretrainConfig, method: Method, steps_per_epoch: int) -
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _load_data(cfg: PretrainConfig) -> tuple[Dataset, Dataset | None]:
+def _load_data(cfg: PretrainConfig) -> tuple[Source, Source | None]:
     train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
     if cfg.limit is not None:
         train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)

@@ -12,12 +12,13 @@ from tqdm import tqdm
 
 from idaa.analysis.vae_report import write_vae_report
 from idaa.data.feeds import make_feed
-from idaa.data.formats import DataError
-from idaa.data.sources import Dataset, StreamOptions, open_dataset
+from idaa.data.options import StreamOptions
+from idaa.data.protocol import Source
+from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
-from idaa.errors import IdaaError
+from idaa.errors import DataError, IdaaError
 from idaa.fileio import reporting_write_faults
 from idaa.imaging import save_grid, stretch, to_unit_range
 from idaa.nets.vae import VAE, save_vae, vae_loss
@@ -64,7 +65,7 @@ class VAETrainConfig:
         parse_loggers(self.logger or "none")
 
 
-def _held_out(cfg: VAETrainConfig, train: Dataset) -> Dataset:
+def _held_out(cfg: VAETrainConfig, train: Source) -> Source:
     """The test split for reporting reconstruction error; a slice of train for sets that have none."""
     try:
         test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources, like=train)

@@ -1,36 +1,19 @@
-"""File listings of image collections in their published layouts (ImageNet, ImageNet-100, the transfer sets).
-
-A reader turns a dataset folder into a `Listing` (paths, labels, class names) without opening an image, so the
-streaming source, the shard packer and the transfer evaluation share one definition of every layout. What each
-layout expects on disk is written in the reader's docstring and in the README's data section.
-"""
+"""ImageNet and ImageNet-100 in the layouts they are published in (class folders, Kaggle's, a flat val/ folder
+labelled by a file), read into a `Listing` without opening an image."""
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
+from idaa.data.listing import Listing, list_images, subfolders
+from idaa.errors import DataError
 
-from idaa.data.formats import DataError, list_images, scan_labelled, subfolders
-
-__all__ = ["LAYOUTS", "Listing", "has_test_split", "imagenet100_classes", "layout_name", "read_layout", "split_listing"]
-
-
-@dataclass
-class Listing:
-    """One split of a collection: image paths, integer labels (-1 = unlabelled) and class names, never pixels."""
-
-    files: list[Path]
-    labels: list[int]
-    classes: list[str] = field(default_factory=list)
+__all__ = ["imagenet100_classes", "read_imagenet", "read_imagenet100"]
 
 
-Reader = Callable[[Path, str], Listing]
 _WNID = re.compile(r"n\d{8}")
 # where a flat ImageNet val/ folder's labels may be, in the order they are tried (relative to the dataset root)
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val.txt", "val_labels.txt", "ILSVRC2012_validation_ground_truth.txt",
@@ -51,7 +34,7 @@ def _imagenet_base(root: Path) -> Path:
     raise DataError(f"no ImageNet data in '{root}': expected train/<wnid>/*.JPEG (and val/)")
 
 
-def _read_imagenet(root: Path, split: str, wanted: list[str] | None = None) -> Listing:
+def read_imagenet(root: Path, split: str, wanted: list[str] | None = None) -> Listing:
     """ImageNet: train/<wnid>/*.JPEG; val/ as <wnid>/ folders, or flat with a labels file (VAL_LABEL_FILES).
 
     `wanted` restricts the classes (ImageNet-100 read from a full ImageNet folder); labels index `wanted`.
@@ -173,121 +156,8 @@ def _devkit_wnids(ground_truth: Path) -> dict[int, str]:
     return {i: wnid for i, wnid, children in rows if children == 0}
 
 
-def _read_imagenet100(root: Path, split: str) -> Listing:
+def read_imagenet100(root: Path, split: str) -> Listing:
     """ImageNet-100: a full ImageNet folder (or a copy holding only these classes), restricted to CMC's 100."""
-    return _read_imagenet(root, split, sorted(imagenet100_classes()))
+    return read_imagenet(root, split, sorted(imagenet100_classes()))
 
 
-def _read_folder(root: Path, split: str) -> Listing:
-    """root/{train,test}/<class>/*, a single labelled root/<class>/* (train only) or a flat unlabelled root/*."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [p.name for p in subfolders(root / "train")]
-        if not classes:
-            raise DataError(f"folder '{root / 'train'}' has no class subfolders (expected train/<class>/*.jpg)")
-        files, labels, classes = scan_labelled(root / split, classes)
-        if not files:
-            raise DataError(f"folder '{root / split}' contains no images")
-        return Listing(files, labels, classes)
-    if split != "train":
-        raise DataError(f"folder '{root}' has no train/ and test/ subfolders; hold out a seeded part of it "
-                        "with --test-fraction F")
-    if subfolders(root):
-        return Listing(*scan_labelled(root))
-    files = list_images(root, recursive=False)
-    if not files:
-        raise DataError(f"folder '{root}' is empty: expected <class>/*.jpg subfolders or .jpg/.png/... files")
-    return Listing(files, [-1] * len(files), [])
-
-
-def split_listing(listing: Listing, test_fraction: float, seed: int = 0) -> tuple[Listing, Listing]:
-    """(train, test) parts of one listing: a seeded share of every class is held out (of all images if unlabelled).
-
-    The draw depends on the seed and the sorted file list only, so every process and every rerun agrees.
-    """
-    if not 0 < test_fraction < 1:
-        raise DataError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
-    labels = torch.tensor(listing.labels, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    held = torch.zeros(len(labels), dtype=torch.bool)
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        count = min(round(test_fraction * len(members)), len(members) - 1)  # every class keeps a training image
-        held[members[:count]] = True
-    if not held.any():
-        raise DataError(f"--test-fraction {test_fraction} holds out no image of the {len(labels)}")
-
-    def part(mask: torch.Tensor) -> Listing:
-        keep = torch.nonzero(mask).flatten().tolist()
-        return Listing([listing.files[i] for i in keep], [listing.labels[i] for i in keep], list(listing.classes))
-
-    return part(~held), part(held)
-
-
-def _transfer(name: str) -> Reader:
-    """A reader from layouts_transfer, imported on first use (it imports Listing from here)."""
-
-    def read(root: Path, split: str) -> Listing:
-        from idaa.data import layouts_transfer
-
-        return getattr(layouts_transfer, name)(root, split)
-
-    read.__doc__ = f"See idaa.data.layouts_transfer.{name}."
-    return read
-
-
-# name -> reader(root, split) -> Listing; split is "train" or "test" (a layout's "val" counts as "test")
-LAYOUTS: dict[str, Reader] = {
-    "imagenet": _read_imagenet,
-    "imagenet100": _read_imagenet100,
-    "folder": _read_folder,
-    "aircraft": _transfer("read_aircraft"),
-    "birdsnap": _transfer("read_birdsnap"),
-    "cub200": _transfer("read_cub200"),
-    "dtd": _transfer("read_dtd"),
-    "flowers102": _transfer("read_flowers102"),
-    "pets": _transfer("read_pets"),
-}
-ALIASES = {"imagenet1k": "imagenet", "ilsvrc2012": "imagenet", "fgvcaircraft": "aircraft", "cub": "cub200",
-           "cub2002011": "cub200", "oxfordpets": "pets", "oxfordiiitpet": "pets", "flowers": "flowers102",
-           "oxfordflowers102": "flowers102"}
-
-
-def layout_name(name: str) -> str | None:
-    """The canonical layout for a spelling such as 'ImageNet-100' or 'fgvc_aircraft', or None if there is none."""
-    key = re.sub(r"[-_ ]", "", str(name).strip().lower())
-    key = ALIASES.get(key, key)
-    return key if key in LAYOUTS else None
-
-
-def has_test_split(name: str, root: str | Path, test_fraction: float | None = None) -> bool:
-    """Whether a test split exists: every published layout has one; a folder needs train/ + test/ or a fraction."""
-    root = Path(root).expanduser()
-    if layout_name(name) != "folder" or test_fraction is not None:
-        return True
-    return (root / "train").is_dir() and (root / "test").is_dir()
-
-
-def read_layout(name: str, root: str | Path, split: str = "train", test_fraction: float | None = None,
-                seed: int = 0) -> Listing:
-    """The listing of one split of a dataset folder; `test_fraction` holds out a seeded part of a single folder."""
-    layout = layout_name(name)
-    if layout is None:
-        raise DataError(f"unknown dataset layout '{name}'; choose one of {', '.join(LAYOUTS)}")
-    split = {"val": "test"}.get(split, split)
-    if split not in ("train", "test"):
-        raise DataError(f"unknown split '{split}' for {layout}; choose train or test")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data directory '{root}' does not exist" if not root.exists() else
-                        f"data directory '{root}' is not a directory")
-    if test_fraction is None:
-        listing = LAYOUTS[layout](root, split)
-    elif layout != "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
-        raise DataError(f"--test-fraction applies to a single folder of images; '{root}' ({layout}) has its "
-                        "own test split")
-    else:
-        listing = split_listing(LAYOUTS[layout](root, "train"), test_fraction, seed)[split == "test"]
-    if not listing.files:
-        raise DataError(f"the {layout} {split} split in '{root}' has no images")
-    return listing

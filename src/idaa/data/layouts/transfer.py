@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idaa.data.formats import DataError, list_images, subfolders
-from idaa.data.layouts import Listing
+from idaa.data.listing import Listing, list_images, subfolders
+from idaa.errors import DataError
 
 __all__ = ["read_aircraft", "read_birdsnap", "read_cub200", "read_dtd", "read_flowers102", "read_pets"]
 
@@ -19,7 +19,7 @@ def read_aircraft(root: Path, split: str) -> Listing:
     """FGVC-Aircraft 2013b, 100 variants: data/images/<id>.jpg and data/images_variant_{trainval,test}.txt."""
     base = _base(root, "FGVC-Aircraft", ("images_variant_test.txt", "images"),
                  ("data", "fgvc-aircraft-2013b/data"))
-    listed = {s: _rows(base / f"images_variant_{s}.txt", 2, maxsplit=1) for s in ("trainval", "test")}
+    listed = {s: _fields(base / f"images_variant_{s}.txt", 2, maxsplit=1) for s in ("trainval", "test")}
     if (base / "variants.txt").is_file():
         classes = [line.strip() for line in _lines(base / "variants.txt")]
     else:
@@ -45,7 +45,7 @@ def read_pets(root: Path, split: str) -> Listing:
     names: dict[int, str] = {}
     listed = {}
     for part in ("trainval", "test"):
-        rows = _rows(base / "annotations" / f"{part}.txt", 2)
+        rows = _fields(base / "annotations" / f"{part}.txt", 2)
         try:
             listed[part] = [(image, int(class_id)) for image, class_id, *_ in rows]
         except ValueError:
@@ -84,12 +84,12 @@ def read_cub200(root: Path, split: str) -> Listing:
     classes.txt."""
     base = _base(root, "CUB-200-2011", ("images.txt", "image_class_labels.txt", "train_test_split.txt",
                                          "classes.txt", "images"), ("CUB_200_2011",))
-    classes_by_id = dict(_rows(base / "classes.txt", 2))
-    paths = dict(_rows(base / "images.txt", 2))
-    label_of = dict(_rows(base / "image_class_labels.txt", 2))
+    classes_by_id = dict(_fields(base / "classes.txt", 2))
+    paths = dict(_fields(base / "images.txt", 2))
+    label_of = dict(_fields(base / "image_class_labels.txt", 2))
     wanted = "1" if split == "train" else "0"
     pairs = []
-    for image_id, is_train in _rows(base / "train_test_split.txt", 2):
+    for image_id, is_train in _fields(base / "train_test_split.txt", 2):
         if is_train != wanted:
             continue
         if image_id not in paths or label_of.get(image_id) not in classes_by_id:
@@ -143,7 +143,7 @@ def _lines(path: Path) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _rows(path: Path, columns: int, maxsplit: int = -1) -> list[list[str]]:
+def _fields(path: Path, columns: int, maxsplit: int = -1) -> list[list[str]]:
     """Whitespace-separated rows with at least `columns` fields (an aircraft variant may hold spaces)."""
     rows = [line.strip().split(maxsplit=maxsplit) for line in _lines(path)]
     for lineno, row in enumerate(rows, 1):
@@ -152,18 +152,18 @@ def _rows(path: Path, columns: int, maxsplit: int = -1) -> list[list[str]]:
     return rows
 
 
-def _labelled(source: Path, pairs: list[tuple[Path, str]], classes: list[str], check_files: bool = True) -> Listing:
+def _labelled(list_file: Path, pairs: list[tuple[Path, str]], classes: list[str], check_files: bool = True) -> Listing:
     """Listing of (file, class name) pairs; unknown classes, listed files that are missing and empty splits fail."""
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
     for path, name in pairs:
         if name not in index:
-            raise DataError(f"'{source}' names class '{name}' for '{path.name}', which is not one of the "
+            raise DataError(f"'{list_file}' names class '{name}' for '{path.name}', which is not one of the "
                             f"{len(classes)} classes")
         if check_files and not path.is_file():
-            raise DataError(f"missing image '{path}' listed in '{source}'")
+            raise DataError(f"missing image '{path}' listed in '{list_file}'")
         files.append(path)
         labels.append(index[name])
     if not files:
-        raise DataError(f"'{source}' lists no images")
+        raise DataError(f"'{list_file}' lists no images")
     return Listing(files, labels, classes)
