@@ -12,8 +12,10 @@ from idaa.cli import main
 from idaa.data.crops import center_crop, crop_views
 from idaa.data.feeds import ShardFeed
 from idaa.data.layouts import read_layout
+from idaa.data.memory import ImageDataset
 from idaa.data.options import StreamOptions
 from idaa.data.shards import ShardSource, pack_shards
+from idaa.data.sources import open_dataset
 from idaa.errors import DataError
 
 SCALE = (0.2, 1.0)
@@ -151,3 +153,29 @@ def test_shard_feed_gives_training_batches_like_the_folder_feed(packed):
     assert first.first.shape == first.second.shape == first.source.shape == (6, 3, 8, 8)
     assert not torch.equal(first.first, first.second)  # two different seeded crops of the same images
     assert sorted(i for b in batches for i in b.index.tolist()) == list(range(24))
+
+
+def test_a_folder_and_its_shards_have_one_normalisation_so_its_vae_fits_them(tmp_path):
+    """The same images get the same mean/std in memory, streamed and packed; a VAE trained on the folder (in memory)
+    is accepted for pretraining on its shards (it was refused: 'VAE was trained with normalisation mean=...')."""
+    root, rng = tmp_path / "folder", np.random.default_rng(1)
+    for split, count in (("train", 8), ("test", 2)):
+        for c in ("ant", "bee"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(root), "--out", str(shards), "--shard-size", "4", "--no-progress"]) == 0
+    in_memory = open_dataset("folder", root)
+    streamed = open_dataset("folder", root, options=StreamOptions(stream=True, workers=0))
+    packed = open_dataset("folder", shards, options=StreamOptions(image_size=16, workers=0))
+    assert isinstance(in_memory, ImageDataset) and isinstance(packed, ShardSource)
+    assert in_memory.mean == streamed.mean == packed.mean and in_memory.std == streamed.std == packed.std
+    pixels = in_memory.images.double() / 255  # 16 px images are measured at their own size: the exact statistic
+    assert np.allclose(in_memory.mean, pixels.mean(dim=(0, 2, 3)))
+    tiny = ["--dataset", "folder", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert main(["vae", "train", *tiny, "--data-dir", str(root), "--latent-dim", "4", "--hidden", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "vae")]) == 0
+    assert main(["pretrain", *tiny, "--data-dir", str(shards), "--image-size", "16", "--width", "4", "--epochs", "1",
+                 "--adversary", "idaa", "--vae", str(tmp_path / "vae" / "vae.pt"), "--eps", "0.1",
+                 "--out", str(tmp_path / "run")]) == 0
