@@ -1,9 +1,9 @@
 """Images for self-supervised training, in one-way layers (each imports only from those above it in this list):
 
-- `decode`: image files to upright RGB pixels (JPEG via libjpeg-turbo, EXIF orientation, PNG, ...);
-- `crops`: seeded random-resized and centre crops made in DataLoader workers;
+- `decode`: image files to upright RGB pixels (JPEG via libjpeg-turbo, EXIF orientation, PNG, ...); `pickles`;
+- `crops`: seeded random-resized and centre crops made in DataLoader workers; `unreadable`: bad images;
 - `listing`: file listings, the listing cache and the one normalisation statistic of a set of image files;
-- `layouts`: dataset folders in their published layouts (a registry of readers), `pickles`, `folder_cache`;
+- `layouts`: dataset folders in their published layouts (a registry of readers); `folder_cache`;
 - `options` and `protocol`: how images are read (`StreamOptions`, its flags) and the `Source` protocol;
 - sources: `memory` (decoded into a tensor), `streamed` (decoded from files as used), `shards` (WebDataset),
   opened by name and folder with `sources.open_dataset`;

@@ -1,4 +1,5 @@
-"""Datasets decoded once into uint8 tensors with labels and class names (CIFAR, STL-10, Tiny ImageNet...)."""
+"""The in-memory source: datasets decoded once into uint8 tensors with labels and class names (CIFAR, STL-10,
+Tiny ImageNet, image folders, digits)."""
 
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def _jpg_root(root: Path, name: str) -> Path | None:
 
 
 def _decode_folder(base: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Load base/<split>/<class>/ images with classes taken from base/train so labels agree across splits."""
+    """Decode a split of an image folder as the folder layout reads it (`read_folder`), cached beside the data."""
     listing = read_folder(base, split)
     return load_image_files(listing.files, listing.labels, listing.classes, base / f".idaa-cache-{split}.pt")
 

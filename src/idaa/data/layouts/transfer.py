@@ -2,7 +2,7 @@
 
 Each reader takes the dataset folder (the unpacked archive's top folder or the folder above it) and a split,
 "train" (the official train or trainval list) or "test", and returns a Listing. CIFAR-10/100 are read by
-`idaa.data.datasets` instead (python pickles, decoded in memory).
+`idaa.data.memory` instead (python pickles, decoded in memory).
 """
 
 from __future__ import annotations
