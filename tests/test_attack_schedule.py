@@ -6,6 +6,7 @@ import time
 import pytest
 
 import idaa.train.pretrain as pretrain_module
+import idaa.train.run_state as run_state_module
 from idaa.cli import main
 from idaa.train.step import attack_at
 
@@ -58,7 +59,7 @@ def test_bad_schedule_flags_are_one_line_errors(flag, value, message, tmp_path, 
 
 
 def test_train_time_leaves_out_the_monitor_and_checkpoints_and_survives_resume(tmp_path, monkeypatch):
-    real_save = pretrain_module.atomic_torch_save
+    real_save = run_state_module.atomic_torch_save  # the one checkpoint writer
 
     def slow_monitor(self, method):
         time.sleep(0.4)
@@ -69,7 +70,7 @@ def test_train_time_leaves_out_the_monitor_and_checkpoints_and_survives_resume(t
         real_save(obj, path)
 
     monkeypatch.setattr(pretrain_module.KNNMonitor, "__call__", slow_monitor)
-    monkeypatch.setattr(pretrain_module, "atomic_torch_save", slow_save)
+    monkeypatch.setattr(run_state_module, "atomic_torch_save", slow_save)
     run = tmp_path / "run"
     assert main([*TINY, "--epochs", "3", "--out", str(run), "--max-steps", "3"]) == 0  # stops inside epoch 2
     assert main(["pretrain", "--resume", "--out", str(run), "--no-progress"]) == 0

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from idaa.errors import IdaaError, one_line
+from idaa.train.settings import add_settings_arguments, settings_given
 
 ANALYSIS_COMMANDS = ("diagnose", "gallery", "plot", "embed")
 EXPERIMENT_COMMANDS = ("sweep", "reproduce")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae = sub.add_parser("vae", help="train the identity-disentangling VAE").add_subparsers(
         dest="vae_command", required=True, parser_class=_Parser)
     t = vae.add_parser("train", help="train a VAE and write vae.pt, metrics.jsonl and a reconstruction grid")
-    _add_data(t)
+    add_settings_arguments(t)  # data and trackers: --dataset, --data-dir, --stream, --logger, ...
     t.add_argument("--out", required=True, help="run folder to create")
     t.add_argument("--latent-dim", type=int, default=512)
     t.add_argument("--hidden", type=int, default=128, help="channels of the VAE's 8x8 feature map")
@@ -61,12 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--policy", default="clae", help="augmentation policy of the training views")
-    t.add_argument("--limit", type=int, default=None, help="train on a seeded class-balanced subset of N images")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    t.add_argument("--logger", default=None, help="trackers, comma-separated: tensorboard, wandb, mlflow, csv or none "
-                   "(default: tensorboard when installed; MLflow and W&B read $MLFLOW_TRACKING_URI, $WANDB_PROJECT)")
-    _add_common(t)
-    _add_stream(t, image_size=True)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     c = vae.add_parser("check", help="show what a vae.pt was trained on; with --dataset, check that it fits")
     c.add_argument("vae", help="path to vae.pt")
@@ -272,11 +270,10 @@ def _vae_check(args: argparse.Namespace) -> None:
 def _vae_train(args: argparse.Namespace) -> None:
     from idaa.train.vae_trainer import VAETrainConfig, train_vae
 
-    cfg = VAETrainConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                         latent_dim=args.latent_dim, hidden=args.hidden, beta=args.beta, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, policy=args.policy, limit=args.limit,
-                         seed=args.seed, device=args.device, overwrite=args.overwrite,
-                         progress=not args.no_progress, sources=_sources(args), logger=args.logger)
+    cfg = VAETrainConfig(out=args.out, latent_dim=args.latent_dim, hidden=args.hidden, beta=args.beta,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, policy=args.policy,
+                         device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
+                         **settings_given(args))
     result = train_vae(cfg)
     print(f"vae: epoch {result['epoch']}  held-out reconstruction MSE {result['test_mse']:.4f} "
           f"(relative {result['test_relative_mse']:.3f})  KL {result['test_kl']:.4f}  -> {args.out}/vae.pt")

@@ -8,6 +8,7 @@ from typing import Any
 
 from idaa.errors import IdaaError
 from idaa.semi.config import SemiConfig
+from idaa.train.settings import add_settings_arguments, settings_given
 
 # (flag, type, help) for every SemiConfig field settable from the command line; None means "not given".
 _FLAGS: list[tuple[str, type, str]] = [
@@ -17,8 +18,6 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("vae", str, "vae.pt for the VAE-based adversaries"),
     ("eps", float, "adversary budget (IDAA 0.15 latent, CLAE 0.03 pixels)"),
     ("attack-steps", int, "1 = FGSM, more = PGD"), ("alpha", float, "weight of L_u(x'_strong) (1)"),
-    ("dataset", str, "cifar10, cifar100, stl10, tinyimagenet, folder, digits"), ("data-dir", str, "dataset folder"),
-    ("limit", int, "use a seeded class-balanced subset of N training images"),
     ("backbone", str, "wrn28-2 (default), wrn28-8 (paper, CIFAR-100), wrnD-k, resnet18-cifar, ..."),
     ("width", int, "ResNet base width (WideResNets take it from the name)"),
     ("steps", int, "K, total optimisation steps of the cosine schedule (FixMatch: 1048576)"),
@@ -28,15 +27,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("weight-decay", float, "on weights, not on biases and BN (5e-4)"), ("ema-decay", float, "EMA decay (0.999)"),
     ("eval-every", int, "evaluate the EMA model and write last.ckpt every N steps (1024)"),
     ("max-steps", int, "stop after N steps without changing the schedule (smoke runs)"),
-    ("seed", int, "seed of the split, the initial weights and the sampling (0)"),
     ("device", str, "auto, cpu, cuda or cuda:N"), ("precision", str, "fp32 or bf16"),
-    ("image-size", int, "crop size of streamed images (default: their size if uniform, else 224)"),
-    ("workers", int, "processes decoding streamed images (default: the cores less one)"),
-    ("bad-images", str, "error (default: stop, naming the file) or skip unreadable images"),
-    ("test-fraction", float, "a single labelled folder: hold out this seeded share of every class as the test split"),
-    ("logger", str, "trackers, comma-separated: tensorboard, wandb, mlflow, csv or none (default: tensorboard "
-     "when installed)"), ("mlflow-uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else RUN/mlruns)"),
-    ("wandb-project", str, "W&B project (default: $WANDB_PROJECT, else idaa)"), ("wandb-entity", str, "W&B entity"),
 ]
 # Settings that may change when a run is resumed; the rest must match the saved run.
 _RESUMABLE = {"max_steps", "device", "download", "out", "workers", "logger", "mlflow_uri", "wandb_project",
@@ -51,9 +42,7 @@ def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--out", default=None, help="run folder to create")
     for flag, kind, text in _FLAGS:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
-    p.add_argument("--download", action="store_true", default=None, help="fetch the official archive")
-    p.add_argument("--stream", action="store_true", default=None,
-                   help="read a folder from its files (mixed sizes: centre crops at --image-size, once, in memory)")
+    add_settings_arguments(p)  # data and trackers: --dataset, --data-dir, --stream, --logger, ...
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -61,8 +50,8 @@ def add_semi_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    names = [flag.replace("-", "_") for flag, _, _ in _FLAGS] + ["download", "out", "stream"]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    names = [flag.replace("-", "_") for flag, _, _ in _FLAGS] + ["out"]
+    return {**{name: getattr(args, name) for name in names if getattr(args, name) is not None}, **settings_given(args)}
 
 
 def resolve_semi_config(args: argparse.Namespace) -> SemiConfig:

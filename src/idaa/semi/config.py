@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from idaa.adversaries import ADVERSARIES
-from idaa.data.sources import StreamOptions
+from idaa.adversaries import ADVERSARIES, VAE_ADVERSARIES
 from idaa.errors import IdaaError
-from idaa.tracking import parse_loggers
+from idaa.train.settings import RunSettings, check_choice, check_int, check_number, flag_name
 
 METHODS = ("fixmatch", "supervised")
-VAE_ADVERSARIES = ("idaa", "idaa-nodecomp", "latent-noise")
 
 
 @dataclass
-class SemiConfig:
+class SemiConfig(RunSettings):
     """Every setting of `idaa semi`. `steps` is K, the length of the cosine schedule (FixMatch: 2^20 = 1024 x 1024).
 
-    `max_steps` stops a run early without changing the schedule (smoke runs); `eval_every` is FixMatch's
-    "epoch" of 1024 steps, after which the EMA model is evaluated and last.ckpt is written.
+    Data and tracker settings come from RunSettings (streamed folders are decoded once, as centre crops at
+    image_size, into memory). `max_steps` stops a run early without changing the schedule (smoke runs);
+    `eval_every` is FixMatch's "epoch" of 1024 steps, after which the EMA model is evaluated and last.ckpt is written.
     """
 
     out: str = ""
@@ -32,10 +30,6 @@ class SemiConfig:
     eps: float | None = None
     attack_steps: int = 1
     alpha: float = 1.0
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = False
-    limit: int | None = None
     backbone: str = "wrn28-2"
     width: int | None = None
     steps: int = 2**20
@@ -49,23 +43,8 @@ class SemiConfig:
     ema_decay: float = 0.999
     eval_every: int = 1024
     max_steps: int | None = None
-    seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
-    stream: bool | None = None  # streamed folders are decoded once, as centre crops at image_size, into memory
-    image_size: int | None = None
-    workers: int | None = None
-    bad_images: str = "error"
-    test_fraction: float | None = None  # a single labelled folder: the seeded share of each class held out as test
-    logger: str | None = None  # trackers (idaa.tracking); metrics.jsonl is always written
-    mlflow_uri: str | None = None
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-
-    def sources(self) -> StreamOptions:
-        """How the images are read (streamed or in memory), checked."""
-        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed,
-                             self.test_fraction).validate()
 
     def validate(self) -> SemiConfig:
         """One-line errors for impossible values, before any data is read or any folder written."""
@@ -82,26 +61,21 @@ class SemiConfig:
         if self.labels is None:
             raise IdaaError("--labels is required: how many training images keep their label")
         for key in ("labels", "attack_steps", "steps", "batch_size", "mu", "eval_every"):
-            _check_int(key, getattr(self, key), low=1)
-        for key in ("limit", "max_steps", "width"):
-            if getattr(self, key) is not None:
-                _check_int(key, getattr(self, key), low=1)
-        for key in ("lr",):
-            _check_float(key, getattr(self, key), positive=True)
+            check_int(key, getattr(self, key), 1)
+        for key in ("max_steps", "width"):
+            check_int(key, getattr(self, key), 1, optional=True)
+        check_number("lr", self.lr, positive=True)
         for key in ("alpha", "lambda_u", "momentum", "weight_decay", "eps"):
-            if getattr(self, key) is not None:
-                _check_float(key, getattr(self, key), positive=False)
+            check_number(key, getattr(self, key), optional=True)
         for key in ("threshold", "ema_decay"):
             value = getattr(self, key)
-            _check_float(key, value, positive=False)
+            check_number(key, value)
             if value > 1:
-                raise IdaaError(f"{_flag(key)} must lie in [0, 1], got {value!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise IdaaError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+                raise IdaaError(f"{flag_name(key)} must lie in [0, 1], got {value!r}")
+        check_choice("precision", self.precision, ("fp32", "bf16"))
         if self.width is not None and self.backbone.lower().startswith("wrn"):
             raise IdaaError(f"--width sets a ResNet's base width; a WideResNet has it in its name ({self.backbone})")
-        self.sources()
-        parse_loggers(self.logger or "none")
+        self.validate_settings()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,17 +84,3 @@ class SemiConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SemiConfig))
 
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise IdaaError(f"{_flag(key)} must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(key: str, value: Any, positive: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise IdaaError(f"{_flag(key)} must be a finite number {'>' if positive else '>='} 0, got {value!r}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from idaa.errors import IdaaError
+from idaa.train.settings import add_settings_arguments, settings_given
 
 __all__ = ["PRETRAIN_FLAGS", "add_pretrain_parser", "parse_options", "run_pretrain"]
 
 PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("method", str, "simclr"), ("adversary", str, "none, idaa, clae, idaa-nodecomp, latent-noise, random-view"),
-    ("vae", str, "vae.pt for the VAE-based adversaries"), ("dataset", str, "dataset name"),
-    ("data-dir", str, "dataset folder"), ("limit", int, "train on a seeded class-balanced subset"),
+    ("vae", str, "vae.pt for the VAE-based adversaries"),
     ("backbone", str, "resnet18-cifar, resnet50-cifar, resnet18, resnet50, resnet101, wrn28-k"),
     ("width", int, "ResNet base width (64)"), ("epochs", int, ""), ("batch-size", int, ""),
     ("optimizer", str, "adam or sgd"), ("lr", float, ""), ("weight-decay", float, ""), ("momentum", float, ""),
@@ -35,15 +35,7 @@ PRETRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("checkpoint-steps", int, "also refresh last.ckpt every N steps (0 = at epoch ends only)"),
     ("skip-nonfinite", int, "skip up to K steps whose loss or gradient is NaN/inf (default 0: stop at the first)"),
     ("max-steps", int, "stop after N steps"),
-    ("seed", int, ""), ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32, bf16 or fp16 (autocast)"),
-    ("image-size", int, "crop size of streamed images (default: their size if uniform, else 224)"),
-    ("workers", int, "processes decoding streamed images (default: the cores less one)"),
-    ("bad-images", str, "error (default: stop, naming the file) or skip unreadable images"),
-    ("test-fraction", float, "a single labelled folder: hold out this seeded share of every class as the test split"),
-    ("logger", str, "trackers, comma-separated: tensorboard, wandb, mlflow, csv or none (default: tensorboard "
-     "when installed; metrics.jsonl is always written)"),
-    ("mlflow-uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns)"),
-    ("wandb-project", str, "W&B project (default: $WANDB_PROJECT, else idaa)"), ("wandb-entity", str, ""),
+    ("device", str, "auto, cpu, cuda"), ("precision", str, "fp32, bf16 or fp16 (autocast)"),
 ]
 
 
@@ -65,9 +57,7 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
                    help="NHWC weights and views (faster convolutions on recent GPUs and CPUs)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbone (the first steps pay the compilation)")
-    p.add_argument("--download", action="store_true", default=None)
-    p.add_argument("--stream", action="store_true", default=None,
-                   help="decode images from their files in worker processes (automatic for mixed or large images)")
+    add_settings_arguments(p)  # data and trackers: --dataset, --data-dir, --stream, --logger, ...
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -87,8 +77,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
         preset = read_preset(Path(args.out) / "config.yaml")
         preset.pop("max_steps", None)  # a step limit belongs to one invocation, not to the run's recipe
     names = [flag.replace("-", "_") for flag, _, _ in PRETRAIN_FLAGS] + [
-        "random_start", "sync_bn", "channels_last", "compile", "download", "out", "stream", "embed_map"]
-    overrides = {name: getattr(args, name) for name in names}
+        "random_start", "sync_bn", "channels_last", "compile", "out", "embed_map"]
+    overrides = {**{name: getattr(args, name) for name in names}, **settings_given(args)}
     if args.method_option:
         options = dict((preset or {}).get("method_options") or {})
         options.update(parse_options(args.method_option))

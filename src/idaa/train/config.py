@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,23 +10,18 @@ from typing import Any
 import yaml
 
 from idaa.adversaries import ADVERSARIES
-from idaa.data.sources import StreamOptions
 from idaa.errors import IdaaError
-from idaa.tracking import parse_loggers
+from idaa.train.settings import RunSettings, check_choice, check_int, check_number
 
 
 @dataclass
-class PretrainConfig:
-    """Every setting of `idaa pretrain`; the defaults are the authors' SimCLR recipe (Adam 3e-4, cosine, bs 256)."""
+class PretrainConfig(RunSettings):
+    """Every setting of `idaa pretrain` (data and trackers: RunSettings); defaults: the authors' SimCLR recipe."""
 
     out: str = ""
     method: str = "simclr"
     adversary: str = "none"
     vae: str | None = None
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = False
-    limit: int | None = None
     backbone: str = "resnet18-cifar"
     width: int | None = None
     epochs: int = 200
@@ -61,27 +55,12 @@ class PretrainConfig:
     checkpoint_steps: int = 0
     skip_nonfinite: int = 0
     max_steps: int | None = None
-    seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
     embed_map: bool = False  # at the end: RUN/embed.png + embed.csv, a 2-d map of the test features
-    stream: bool | None = None  # None: stream folders whose images differ in size or are large or many
-    image_size: int | None = None
-    workers: int | None = None
-    bad_images: str = "error"
-    test_fraction: float | None = None  # a single labelled folder: the seeded share of each class held out as test
-    logger: str | None = None  # None: tensorboard when installed; metrics.jsonl is always written
-    mlflow_uri: str | None = None
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-
-    def sources(self) -> StreamOptions:
-        """How the images are read (streamed or in memory), checked."""
-        return StreamOptions(self.stream, self.image_size, self.workers, self.bad_images, self.seed,
-                             self.test_fraction).validate()
 
     def validate(self) -> PretrainConfig:
         """One-line errors for impossible values, before anything is read or written."""
@@ -95,36 +74,25 @@ class PretrainConfig:
             raise IdaaError(f"method_options must be a mapping of option: value, got {self.method_options!r}")
         if self.adversary not in ADVERSARIES:
             raise IdaaError(f"unknown adversary {self.adversary!r}; choose from {', '.join(ADVERSARIES)}")
-        positive_ints = ("epochs", "batch_size", "attack_steps", "knn_k", "attack_every")
-        for key in positive_ints:
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {getattr(self, key)!r}")
-        for key in ("limit", "max_steps", "width"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise IdaaError(f"{_flag(key)} must be an integer >= 1, got {value!r}")
+        for key in ("epochs", "batch_size", "attack_steps", "knn_k", "attack_every"):
+            check_int(key, getattr(self, key), 1)
+        for key in ("max_steps", "width"):
+            check_int(key, getattr(self, key), 1, optional=True)
         for key in ("knn_every", "checkpoint_every", "checkpoint_steps", "skip_nonfinite", "warmup_epochs",
                     "attack_from_epoch"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise IdaaError(f"{_flag(key)} must be an integer >= 0, got {getattr(self, key)!r}")
-        for key, low in (("lr", 0.0), ("temperature", 0.0), ("knn_temperature", 0.0)):
-            value = getattr(self, key)
-            if key == "temperature" and value is None:  # the method's own default
-                continue
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= low:
-                raise IdaaError(f"{_flag(key)} must be a finite number > 0, got {value!r}")
+            check_int(key, getattr(self, key), 0)
+        for key in ("lr", "temperature", "knn_temperature"):  # temperature None: the method's own default
+            check_number(key, getattr(self, key), positive=True, optional=key == "temperature")
         for key in ("weight_decay", "alpha", "momentum", "eps"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
-                raise IdaaError(f"{_flag(key)} must be a finite number >= 0, got {value!r}")
+            check_number(key, getattr(self, key), optional=True)
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
                    "precision": ("fp32", "bf16", "fp16"), "attack_norm": ("linf", "l2"),
                    "attack_loss": ("anchored", "symmetric"), "attack_graph": ("separate", "clean", "shared"),
                    "adversarial_anchor": ("live", "detached"), "vae_precision": ("fp32", "bf16")}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise IdaaError(f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not isinstance(self.attack_fraction, int | float) or not 0 < self.attack_fraction <= 1:
+            check_choice(key, getattr(self, key), allowed)
+        if isinstance(self.attack_fraction, bool) or not isinstance(self.attack_fraction, int | float) \
+                or not 0 < self.attack_fraction <= 1:
             raise IdaaError(f"--attack-fraction must be in (0, 1], got {self.attack_fraction!r}")
         if self.attack_graph != "separate" and (self.attack_steps != 1 or self.random_start
                                                 or self.adversary not in ("idaa", "clae")):
@@ -132,13 +100,8 @@ class PretrainConfig:
                             f"no random start), got --adversary {self.adversary}"
                             f"{' --random-start' if self.random_start else ''}"
                             f"{f' --attack-steps {self.attack_steps}' if self.attack_steps != 1 else ''}")
-        self.sources()
-        parse_loggers(self.logger or "none")  # unknown names, missing extras: before any data is read
+        self.validate_settings()
         return self
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
 
 
 FIELDS = {f.name for f in dataclasses.fields(PretrainConfig)}

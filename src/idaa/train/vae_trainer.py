@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from idaa.analysis.vae_report import write_vae_report
 from idaa.data.feeds import make_feed
-from idaa.data.options import StreamOptions
 from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
-from idaa.data.views import build_view_policy
+from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import DataError, IdaaError
 from idaa.fileio import reporting_write_faults
 from idaa.imaging import save_grid, stretch, to_unit_range
 from idaa.nets.vae import VAE, save_vae, vae_loss
-from idaa.tracking import parse_loggers, plan_trackers
+from idaa.tracking import plan_trackers
 from idaa.train.run_dir import LastCheckpoint, MetricsLog, RunLock, prepare_run_dir, write_config
+from idaa.train.settings import RunSettings, check_int, check_number
 
 
 @dataclass
-class VAETrainConfig:
-    """Everything `idaa vae train` needs; defaults are SPEC 1 (d=512, beta 0.1, Adam 5e-4 (0, 0.9), bs 128)."""
+class VAETrainConfig(RunSettings):
+    """Everything `idaa vae train` needs (data and trackers: RunSettings); defaults are SPEC 1 (d=512, beta 0.1,
+    Adam 5e-4 (0, 0.9), bs 128)."""
 
-    out: str
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = False
+    out: str = ""
     latent_dim: int = 512
     hidden: int = 128
     beta: float = 0.1
@@ -41,34 +39,26 @@ class VAETrainConfig:
     batch_size: int = 128
     lr: float = 5e-4
     policy: str = "clae"  # the VAE learns to reconstruct augmented views, as the authors train it
-    limit: int | None = None
     eval_images: int = 2000
-    seed: int = 0
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
-    sources: StreamOptions | None = None  # --stream/--image-size/--workers/--bad-images
-    logger: str | None = None  # trackers (idaa.tracking); metrics.jsonl is always written
 
     def validate(self) -> None:
         """Reject impossible values before any data is read or any folder is touched."""
+        if not self.out:
+            raise IdaaError("--out is required: the run folder to create")
         for key in ("latent_dim", "hidden", "epochs", "batch_size", "eval_images"):
-            if getattr(self, key) < 1:
-                raise IdaaError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise IdaaError(f"--beta must be a finite number >= 0, got {self.beta}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise IdaaError(f"--lr must be a finite number > 0, got {self.lr}")
-        if self.limit is not None and self.limit < 1:
-            raise IdaaError(f"--limit must be >= 1, got {self.limit}")
-        (self.sources or StreamOptions()).validate()
-        parse_loggers(self.logger or "none")
+            check_int(key, getattr(self, key), 1)
+        check_number("beta", self.beta)
+        check_number("lr", self.lr, positive=True)
+        self.validate_settings()
 
 
 def _held_out(cfg: VAETrainConfig, train: Source) -> Source:
     """The test split for reporting reconstruction error; a slice of train for sets that have none."""
     try:
-        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources, like=train)
+        test = open_dataset(cfg.dataset, cfg.data_dir, split="test", options=cfg.sources(), like=train)
     except IdaaError:
         test = train
     return readable(test.take(min(cfg.eval_images, len(test)), seed=cfg.seed))  # no file that does not decode
@@ -103,15 +93,11 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, float]:
 
 def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dict[str, float]:
     device = resolve_device(cfg.device)
-    train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources)
-    if cfg.limit is not None:
-        train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
-    if cfg.batch_size > len(train):
-        raise IdaaError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(train)} images)")
-    held_out = _held_out(cfg, train)
+    train, held_out = _load_data(cfg)
     torch.manual_seed(cfg.seed)
     vae = VAE(train.image_size, train.channels, cfg.latent_dim, cfg.hidden).to(device)
-    trackers = plan_trackers(cfg.logger, cfg.out)  # checked before the run folder is touched
+    trackers = plan_trackers(cfg.logger, cfg.out, mlflow_uri=cfg.mlflow_uri, wandb_project=cfg.wandb_project,
+                             wandb_entity=cfg.wandb_entity)  # checked before the run folder is touched
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, lock=lock)
     write_config(out / "config.yaml", {"command": "vae train", **asdict(cfg), "train_images": len(train)})
     trackers.start().log_config({"command": "vae train", **asdict(cfg), "train_images": len(train)})
@@ -133,23 +119,8 @@ def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dic
     for epoch in range(1, cfg.epochs + 1):
         vae.train()
         order = torch.randperm(len(train), device=device)
-        sums = torch.zeros(3, device=device)
         epoch_start = time.perf_counter()
-        for batch in feed.batches(epoch, order):
-            views = augment(batch.first)
-            recon, mu, logvar = vae(views)
-            loss, mse, kl = vae_loss(recon, views, mu, logvar, cfg.beta)
-            if not torch.isfinite(loss):
-                raise IdaaError(f"VAE loss became {loss.item()} at step {step + 1} (epoch {epoch}); try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            sums += torch.stack([loss.detach(), mse.detach(), kl.detach()])
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(epoch=epoch, mse=f"{mse.item():.4f}", kl=f"{kl.item():.4f}")
+        sums, step = _train_epoch(cfg, vae, feed, augment, optimizer, schedule, order, epoch, step, bar)
         if feed.failure:  # an unreadable file under --bad-images error
             raise DataError(f"{feed.failure}; vae.pt holds the last complete epoch (--bad-images skip skips it)")
         seconds = time.perf_counter() - epoch_start
@@ -165,6 +136,44 @@ def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dic
             save_vae(vae, saved.path, {**meta, "epochs": epoch})
         saved.step = epoch
     bar.close()
+    _write_figures(vae, eval_views, train, out, trackers)
+    return result
+
+
+def _load_data(cfg: VAETrainConfig) -> tuple[Source, Source]:
+    """The training images (a seeded subset under --limit) and the held-out ones the report is measured on."""
+    train = open_dataset(cfg.dataset, cfg.data_dir, split="train", download=cfg.download, options=cfg.sources())
+    if cfg.limit is not None:
+        train = train.take(min(cfg.limit, len(train)), seed=cfg.seed)
+    if cfg.batch_size > len(train):
+        raise IdaaError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(train)} images)")
+    return train, _held_out(cfg, train)
+
+
+def _train_epoch(cfg: VAETrainConfig, vae: VAE, feed: Any, augment: ViewPolicy, optimizer: Any, schedule: Any,
+                 order: torch.Tensor, epoch: int, step: int, bar: Any) -> tuple[torch.Tensor, int]:
+    """One epoch of the VAE objective on fresh augmented views; returns the (loss, mse, kl) sums and the step."""
+    sums = torch.zeros(3, device=order.device)
+    for batch in feed.batches(epoch, order):
+        views = augment(batch.first)
+        recon, mu, logvar = vae(views)
+        loss, mse, kl = vae_loss(recon, views, mu, logvar, cfg.beta)
+        if not torch.isfinite(loss):
+            raise IdaaError(f"VAE loss became {loss.item()} at step {step + 1} (epoch {epoch}); try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        sums += torch.stack([loss.detach(), mse.detach(), kl.detach()])
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix(epoch=epoch, mse=f"{mse.item():.4f}", kl=f"{kl.item():.4f}")
+    return sums, step
+
+
+def _write_figures(vae: VAE, eval_views: torch.Tensor, train: Source, out: Path, trackers: Any) -> None:
+    """The x / G(x) / R(x) grid and the VAE report of the held-out views, also sent to the trackers."""
     vae.eval()
     spread = eval_views[:: max(len(eval_views) // 16, 1)][:16]  # held-out sets come sorted by class: stride
     decomposition_grid(vae, spread, train.mean, train.std, out / "reconstructions.png")
@@ -172,7 +181,6 @@ def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dic
     for figure in ("reconstructions.png", "vae_report.png"):
         trackers.log_file(out / figure)
     trackers.close()
-    return result
 
 
 @torch.no_grad()
