@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from idaa.data import StreamOptions, checkpoint_options
 from idaa.errors import IdaaError
 from idaa.methods import Method, build_method
 from idaa.nets.resnet import build_backbone
@@ -45,3 +47,23 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     method = build_from_config(blob["config"], blob.get("data", {}).get("channels", 3))
     method.load_state_dict(blob["method"])
     return method.to(device).eval(), blob
+
+
+@dataclass(frozen=True)
+class CheckpointData:
+    """Which data a checkpoint is evaluated on: the dataset, its folder and how its images are read."""
+
+    name: str
+    data_dir: str | None
+    options: StreamOptions
+    own: bool  # the run's own dataset: its folder, streaming choice and crop size carry over
+
+
+def checkpoint_data(config: dict[str, Any], dataset: str | None = None, data_dir: str | None = None,
+                    sources: StreamOptions | None = None) -> CheckpointData:
+    """The one rule of every evaluation and analysis command: --dataset and --data-dir when given, else the
+    run's own; a run's folder is kept whenever its own dataset is evaluated, named or not."""
+    name = dataset or config["dataset"]
+    own = name == config["dataset"]
+    folder = data_dir or (config.get("data_dir") if own else None)
+    return CheckpointData(name, folder, checkpoint_options(config, own, sources), own)

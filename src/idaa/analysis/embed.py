@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from idaa.analysis.plots import new_figure
-from idaa.checkpoints import load_method
+from idaa.checkpoints import checkpoint_data, load_method
 from idaa.data.memory import balanced_indices
-from idaa.data.options import checkpoint_options
 from idaa.data.sources import open_dataset
 from idaa.data.views import build_view_policy
 from idaa.devices import resolve_device
@@ -45,10 +44,9 @@ def embed_map(checkpoint: str | Path, dataset: str | None = None, data_dir: str 
     dev = resolve_device(device)
     model, blob = load_method(checkpoint, dev)
     cfg, meta = blob["config"], blob["data"]
-    name = dataset or cfg["dataset"]
-    root = data_dir if (dataset or data_dir) else cfg.get("data_dir")
-    options = checkpoint_options(cfg, name == cfg["dataset"])  # streamed folders: centre crops at the run's size
-    test = open_dataset(name, root, split="test", options=options, default_size=meta["image_size"])
+    data = checkpoint_data(cfg, dataset, data_dir)  # streamed folders: centre crops at the run's size
+    name, root = data.name, data.data_dir
+    test = open_dataset(name, root, split="test", options=data.options, default_size=meta["image_size"])
     if test.image_size != meta["image_size"]:
         raise IdaaError(f"checkpoint was trained on {meta['image_size']} px images, '{name}' has {test.image_size} px")
     indices = torch.arange(len(test))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from idaa.adversaries import Adversary, build_adversary
-from idaa.checkpoints import build_from_config, load_method
+from idaa.checkpoints import CheckpointData, build_from_config, checkpoint_data, load_method
 from idaa.data.options import StreamOptions, checkpoint_options
 from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
@@ -105,17 +105,12 @@ def load_attack_setup(checkpoint: str | None, vae_path: str | None, dataset: str
         if vae_path is None:
             raise IdaaError("the IDAA attack needs a VAE: pass --vae VAE.pt (make one with 'idaa vae train')")
     vae = load_vae(vae_path, map_location=dev)
-    name = dataset or (cfg.get("dataset") if checkpoint is not None else None) or vae.meta.get("dataset")
-    if name is None:
-        raise IdaaError("no dataset given and the VAE does not say what it was trained on: pass --dataset")
-    if data_dir is None and name == cfg.get("dataset") and checkpoint is not None:
-        data_dir = cfg.get("data_dir")
-    elif data_dir is None and name == vae.meta.get("dataset"):
-        data_dir = vae.meta.get("data_dir")
+    chosen = checkpoint_data(cfg, dataset, data_dir, sources) if checkpoint is not None else \
+        _vae_data(vae.meta, dataset, data_dir, sources)
+    name = chosen.name
     size = blob["data"]["image_size"] if checkpoint is not None else vae.image_size  # crop size if streamed
-    own_data = checkpoint is not None and name == cfg.get("dataset")
-    data = open_dataset(name, data_dir, split, options=checkpoint_options(cfg, own_data, sources), default_size=size)
-    if checkpoint is not None and split == "train" and name == cfg.get("dataset") and cfg.get("limit"):
+    data = open_dataset(name, chosen.data_dir, split, options=chosen.options, default_size=size)
+    if checkpoint is not None and split == "train" and chosen.own and cfg.get("limit"):
         data = data.take(min(cfg["limit"], len(data)), seed=cfg.get("seed", 0))  # the run's own training subset
     data = readable(data)  # under --bad-images skip without the files that do not decode
     check_vae_fits(vae, data.name, data.image_size, data.mean, data.std)
@@ -133,6 +128,16 @@ def load_attack_setup(checkpoint: str | None, vae_path: str | None, dataset: str
         assert built is not None  # only 'none' builds None
         adversaries[adv_name] = built.to(dev)
     return AttackSetup(method, cfg, data, views.to(dev), vae, adversaries, dev, source, notes)
+
+
+def _vae_data(meta: dict[str, Any], dataset: str | None, data_dir: str | None,
+              sources: StreamOptions | None) -> CheckpointData:
+    """Without a checkpoint: --dataset, else the data the VAE was trained on (its folder when it is the same)."""
+    name = dataset or meta.get("dataset")
+    if name is None:
+        raise IdaaError("no dataset given and the VAE does not say what it was trained on: pass --dataset")
+    folder = data_dir or (meta.get("data_dir") if name == meta.get("dataset") else None)
+    return CheckpointData(name, folder, checkpoint_options({}, False, sources), False)
 
 
 def attacked_views(setup: AttackSetup, images: torch.Tensor, on: str = "v1") -> dict[str, torch.Tensor]:

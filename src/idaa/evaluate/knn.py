@@ -7,11 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from idaa.checkpoints import load_method
-from idaa.data.options import StreamOptions, checkpoint_options
-from idaa.data.sources import open_dataset
-from idaa.data.unreadable import readable
-from idaa.data.views import build_view_policy
+from idaa.checkpoints import CheckpointData, checkpoint_data, load_method
+from idaa.data import Source, StreamOptions, build_view_policy, open_dataset, readable
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
 from idaa.evaluate.features import FeatureCache, extract_features
@@ -61,34 +58,15 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
 
     Features come from the run folder's feature cache (shared with linear evaluation) when it matches.
     """
-    if k < 1 or not temperature > 0:
-        raise IdaaError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    if features not in ("backbone", "projector"):
-        raise IdaaError(f"--features must be backbone or projector, got {features!r}")
-    if metric not in ("cosine", "euclidean"):
-        raise IdaaError(f"--metric must be cosine or euclidean, got {metric!r}")
-    if limit is not None and limit < 1:
-        raise IdaaError(f"--limit must be >= 1, got {limit}")
+    _check_arguments(k, temperature, features, metric, limit)
     dev = resolve_device(device)
     method, blob = load_method(path, dev)
     if features == "projector" and not hasattr(method, "projector"):
         raise IdaaError(f"method {method.name!r} has no projector; use --features backbone")
-    cfg = blob["config"]
-    name = dataset or cfg["dataset"]
-    root = data_dir if (dataset or data_dir) else cfg["data_dir"]
-    options = checkpoint_options(cfg, name == cfg["dataset"], sources)
-    size = blob["data"]["image_size"]
-    train = open_dataset(name, root, split="train", options=options, default_size=size)
-    limit = limit if limit is not None else (cfg.get("limit") if dataset is None else None)
-    if limit is not None:
-        train = train.take(min(limit, len(train)), seed=cfg.get("seed", 0))
-    train, test = readable(train), readable(open_dataset(name, root, split="test", options=options, like=train))
-    if train.image_size != blob["data"]["image_size"]:
-        raise IdaaError(f"checkpoint was trained on {blob['data']['image_size']} px images, '{name}' has "
-                        f"{train.image_size} px")
-    if bool((train.labels < 0).any()) or bool((test.labels < 0).any()):
-        raise IdaaError(f"kNN needs labelled images; the {name} data has unlabelled ones")
-    meta = blob["data"]
+    cfg, meta = blob["config"], blob["data"]
+    data = checkpoint_data(cfg, dataset, data_dir, sources)
+    train, test = _bank_and_queries(data, cfg, meta, limit if limit is not None else
+                                    (cfg.get("limit") if dataset is None else None))
     view = build_view_policy("eval", train.image_size, meta["mean"], meta["std"]).to(dev)
     view_key = {"policy": "eval", "image_size": train.image_size, "mean": list(meta["mean"]),
                 "std": list(meta["std"])}
@@ -98,20 +76,48 @@ def knn_from_checkpoint(path: str, dataset: str | None = None, data_dir: str | N
 
     store = FeatureCache(path, enabled=cache)
     common = {"embed": embed, "source": features, "view_fn": view, "view": view_key, "device": dev,
-              "data_dir": root, "progress": progress}
+              "data_dir": data.data_dir, "progress": progress}
     bank = store.get(data=train, split="train", **common)
     queries = store.get(data=test, split="test", **common)
     classes = max(len(train.classes), int(train.labels.max()) + 1)
     top1 = knn_accuracy(bank.features.to(dev), train.labels.to(dev), queries.features.to(dev), test.labels, classes,
                         k, temperature, metric)
     result = {"kind": "knn", "checkpoint": str(path), "checkpoint_sha256": store.checkpoint_sha256,
-              "method": cfg.get("method"), "adversary": cfg.get("adversary"), "dataset": name, "bank": len(train),
-              "queries": len(test), "k": k, "temperature": temperature, "features": features, "metric": metric,
-              "knn_top1": top1, "times": {"extract_bank_s": bank.seconds, "bank_cache_hit": bank.hit,
-                                          "extract_queries_s": queries.seconds, "queries_cache_hit": queries.hit},
+              "method": cfg.get("method"), "adversary": cfg.get("adversary"), "dataset": data.name,
+              "bank": len(train), "queries": len(test), "k": k, "temperature": temperature, "features": features,
+              "metric": metric, "knn_top1": top1,
+              "times": {"extract_bank_s": bank.seconds, "bank_cache_hit": bank.hit,
+                        "extract_queries_s": queries.seconds, "queries_cache_hit": queries.hit},
               "config": cfg}
     target = Path(out) if out else Path(path).parent / "eval_knn.json"
     write_result(target, result)
     log_to_run(Path(path).parent, {"eval/knn_top1": top1}, [target])  # the run's trackers, if any
     result["out"] = str(target)
     return result
+
+
+def _check_arguments(k: int, temperature: float, features: str, metric: str, limit: int | None) -> None:
+    """Bad flag values are one-line errors before the checkpoint is read."""
+    if k < 1 or not temperature > 0:
+        raise IdaaError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    if features not in ("backbone", "projector"):
+        raise IdaaError(f"--features must be backbone or projector, got {features!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise IdaaError(f"--metric must be cosine or euclidean, got {metric!r}")
+    if limit is not None and limit < 1:
+        raise IdaaError(f"--limit must be >= 1, got {limit}")
+
+
+def _bank_and_queries(data: CheckpointData, cfg: dict, meta: dict, limit: int | None) -> tuple[Source, Source]:
+    """The labelled training images (a seeded subset under `limit`) and test images, at the checkpoint's size."""
+    size = meta["image_size"]
+    train = open_dataset(data.name, data.data_dir, split="train", options=data.options, default_size=size)
+    if limit is not None:
+        train = train.take(min(limit, len(train)), seed=cfg.get("seed", 0))
+    test = open_dataset(data.name, data.data_dir, split="test", options=data.options, like=train)
+    train, test = readable(train), readable(test)
+    if train.image_size != size:
+        raise IdaaError(f"checkpoint was trained on {size} px images, '{data.name}' has {train.image_size} px")
+    if bool((train.labels < 0).any()) or bool((test.labels < 0).any()):
+        raise IdaaError(f"kNN needs labelled images; the {data.name} data has unlabelled ones")
+    return train, test

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from idaa.checkpoints import load_method
-from idaa.data.options import StreamOptions, checkpoint_options
+from idaa.checkpoints import CheckpointData, checkpoint_data, load_method
+from idaa.data.options import StreamOptions
 from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
@@ -93,17 +93,9 @@ def linear_eval(checkpoint: str, opts: LinearEvalOptions, transfer: bool = False
     if opts.features == "projector" and not hasattr(method, "projector"):
         raise IdaaError(f"method {method.name!r} has no projector; use --features backbone")
     cfg, meta = blob["config"], blob["data"]
-    name = opts.dataset or cfg["dataset"]
-    data_dir = opts.data_dir or (cfg.get("data_dir") if name == cfg["dataset"] else None)
-    size = int(meta["image_size"])  # streamed images are cropped to it in the workers
-    sources = checkpoint_options(cfg, name == cfg["dataset"], opts.sources)
-    train = _labelled(open_dataset(name, data_dir, "train", options=sources, default_size=size), "train")
-    test = _labelled(open_dataset(name, data_dir, "test", options=sources, like=train), "test")
-    if opts.limit is not None:
-        train = train.take(min(opts.limit, len(train)), seed=opts.seed)
-    if not transfer and train.image_size != size:
-        raise IdaaError(f"checkpoint was trained on {size} px images and '{name}' has {train.image_size} px; "
-                        "use `idaa eval transfer` to resize")
+    data = checkpoint_data(cfg, opts.dataset, opts.data_dir, opts.sources)
+    name, data_dir, size = data.name, data.data_dir, int(meta["image_size"])
+    train, test = _train_and_test(data, size, opts, transfer)
     num_classes = max(len(train.classes), int(train.labels.max()) + 1, int(test.labels.max()) + 1)
     eval_view = build_view_policy("eval", size, meta["mean"], meta["std"]).to(dev)
     view_key = {"policy": "eval", "image_size": size, "mean": list(meta["mean"]), "std": list(meta["std"])}
@@ -145,6 +137,19 @@ def linear_eval(checkpoint: str, opts: LinearEvalOptions, transfer: bool = False
     log_to_run(Path(checkpoint).parent, {f"{prefix}_top1": scores[1], f"{prefix}_top5": scores[5]}, [out])
     result["out"] = str(out)
     return result
+
+
+def _train_and_test(data: CheckpointData, size: int, opts: LinearEvalOptions,
+                    transfer: bool) -> tuple[Source, Source]:
+    """The labelled train (a seeded subset under --limit) and test splits; streamed images cropped to `size`."""
+    train = _labelled(open_dataset(data.name, data.data_dir, "train", options=data.options, default_size=size), "train")
+    test = _labelled(open_dataset(data.name, data.data_dir, "test", options=data.options, like=train), "test")
+    if opts.limit is not None:
+        train = train.take(min(opts.limit, len(train)), seed=opts.seed)
+    if not transfer and train.image_size != size:
+        raise IdaaError(f"checkpoint was trained on {size} px images and '{data.name}' has {train.image_size} px; "
+                        "use `idaa eval transfer` to resize")
+    return train, test
 
 
 def _augmented_probe(embed: Embed, train: Source, eval_view: ViewPolicy, size: int, meta: dict[str, Any],

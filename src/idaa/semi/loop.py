@@ -12,21 +12,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from idaa.adversaries import Adversary, build_adversary
+from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
 from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
 from idaa.devices import resolve_device
 from idaa.errors import IdaaError
-from idaa.fileio import reporting_write_faults
 from idaa.nets.resnet import build_backbone
 from idaa.nets.vae import check_vae_fits, load_vae
-from idaa.semi.config import VAE_ADVERSARIES, SemiConfig
+from idaa.semi.config import SemiConfig
 from idaa.semi.fixmatch import EMA, Classifier, SemiLosses, fixmatch_losses, supervised_losses
 from idaa.semi.split import SPLIT_FILE, class_balanced_split, save_split
-from idaa.tracking import plan_trackers
-from idaa.train.run_dir import LastCheckpoint, MetricsLog, RunLock, atomic_torch_save, prepare_run_dir, write_config
+from idaa.train.run_dir import LastCheckpoint, MetricsLog, RunLock
+from idaa.train.run_state import open_run_folder, save_checkpoint
 from idaa.train.state import GracefulStop, TrainingStopped, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_KIND = "idaa-semi"
@@ -190,13 +189,10 @@ def _train_semi(cfg: SemiConfig, resume: bool, overwrite: bool, progress: bool, 
             stream.load_state_dict(blob["streams"][name])
         step, elapsed = blob["step"], blob["elapsed"]
         set_rng_state(blob["rng"])
-    trackers = plan_trackers(cfg.logger, cfg.out, resume, mlflow_uri=cfg.mlflow_uri, wandb_project=cfg.wandb_project,
-                             wandb_entity=cfg.wandb_entity)  # checked before the run folder is touched
-    out = prepare_run_dir(cfg.out, overwrite=overwrite, resume=resume, lock=lock)
-    checkpointed = LastCheckpoint(out / "last.ckpt", step if blob is not None else None)
+    checkpointed = LastCheckpoint(Path(cfg.out) / "last.ckpt", step if blob is not None else None)
+    out, trackers = open_run_folder(cfg, cfg.out, {"command": "semi", **cfg.to_dict()}, resume, overwrite, lock,
+                                    checkpointed, step)
     with checkpointed.on_write_fault():
-        write_config(out / "config.yaml", {"command": "semi", **cfg.to_dict()})
-        trackers.start(step if resume else None).log_config({"command": "semi", **cfg.to_dict()})
         save_split(out / SPLIT_FILE, run.labelled, run.unlabelled,
                    {"dataset": run.train.name, "train_images": len(run.train), "labels": cfg.labels, "seed": cfg.seed})
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
@@ -213,7 +209,7 @@ def _train_semi(cfg: SemiConfig, resume: bool, overwrite: bool, progress: bool, 
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "streams": {k: s.state_dict() for k, s in streams.items()}, "step": step, "elapsed": elapsed}
             if done < chunk:  # a signal: save where we are (the interval's statistics restart on resume)
-                _save(_checkpoint(cfg, run, state), checkpointed)
+                save_checkpoint(_checkpoint(cfg, run, state), checkpointed.path, checkpointed)
                 bar.close()
                 raise TrainingStopped(stopper.signum, step, out / "last.ckpt")
             _log_interval(cfg, run, ema, record, state, checkpointed, bar)
@@ -228,18 +224,11 @@ def _log_interval(cfg: SemiConfig, run: _Run, ema: EMA, record: dict[str, Any], 
     """Evaluate the EMA model, write last.ckpt, then the metrics line."""
     step, elapsed = state["step"], state["elapsed"]
     record.update(_evaluate(run, ema), step=step, time=elapsed)
-    _save(_checkpoint(cfg, run, state), checkpointed)
+    save_checkpoint(_checkpoint(cfg, run, state), checkpointed.path, checkpointed)
     # after the checkpoint: a run killed in between loses a line rather than logging a step twice on resume
     MetricsLog(checkpointed.path.parent / "metrics.jsonl").write(record)
     if "test_top1" in record:
         bar.set_postfix(loss=f"{record['loss']:.3f}", ema_top1=f"{record['test_top1']:.2f}")
-
-
-def _save(blob: dict[str, Any], checkpointed: LastCheckpoint) -> None:
-    """Write last.ckpt atomically and note its step (what a later write fault reports as intact)."""
-    with reporting_write_faults("the checkpoint", checkpointed.path):
-        atomic_torch_save(blob, checkpointed.path)
-    checkpointed.step = blob["step"]
 
 
 def _checkpoint(cfg: SemiConfig, run: _Run, state: dict[str, Any]) -> dict[str, Any]:
