@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from idaa.errors import IdaaError
 from idaa.train.settings import add_settings_arguments, settings_given
@@ -65,8 +66,6 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_pretrain(args: argparse.Namespace) -> None:
     """Preset (or the run's own config.yaml on --resume), then the flags given, then train."""
-    from pathlib import Path
-
     from idaa.train.config import read_preset, resolve_config
     from idaa.train.pretrain import pretrain
 

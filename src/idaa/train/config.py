@@ -11,6 +11,7 @@ import yaml
 
 from idaa.adversaries import ADVERSARIES
 from idaa.errors import IdaaError
+from idaa.methods import METHODS
 from idaa.train.settings import RunSettings, check_choice, check_int, check_number
 
 
@@ -66,8 +67,6 @@ class PretrainConfig(RunSettings):
         """One-line errors for impossible values, before anything is read or written."""
         if not self.out:
             raise IdaaError("--out is required: the run folder to create")
-        from idaa.methods import METHODS
-
         if self.method not in METHODS:
             raise IdaaError(f"unknown method {self.method!r}; choose from {', '.join(sorted(METHODS))}")
         if not isinstance(self.method_options, dict):
