@@ -75,13 +75,13 @@ def test_vae_check_refuses_another_dataset_and_size(digits_vae, tmp_path, capsys
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
     (["--beta", "-1"], "--beta must be"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
     (["--lr", "nan"], "--lr must be"),
     (["--batch-size", "5000"], "larger than the dataset"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
-    (["--dataset", "imagenet"], "invalid choice"),
+    (["--dataset", "imagenet"], "needs --data-dir"),  # the same --dataset as pretrain: any layout
     (["--device", "cuda:7"], "CUDA is not available"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, extra, message):
