@@ -121,6 +121,7 @@ class _Run:
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite: bool,
               progress: bool, lock: RunLock) -> dict[str, Any]:
+    """Build, resume, take the run folder, then train epoch by epoch; each epoch ends by one checkpoint."""
     world = dist.world_size()
     if cfg.batch_size % world:
         raise IdaaError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
