@@ -36,11 +36,6 @@ def normalize(x01: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] 
     return (x01 - _as_stats(mean, x01)) / _as_stats(std, x01)
 
 
-def denormalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """Invert :func:`normalize` (back to roughly [0, 1]), for plotting views and adversarial images."""
-    return x * _as_stats(std, x) + _as_stats(mean, x)
-
-
 def _check_images(images: object) -> Tensor:
     """Reject anything but a uint8 N x C x H x W tensor with a one-line ValueError."""
     if not isinstance(images, Tensor):
