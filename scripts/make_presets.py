@@ -32,7 +32,7 @@ DATA = {  # dataset -> (config fields, the VAE it expects, a note)
                     "data/imagenet --dataset imagenet100 --out data/imagenet100-shards` and pass --data-dir "
                     "data/imagenet100-shards"),
 }
-# Tables 4 and 9: linear transfer of the ImageNet-100 backbone to eight datasets (layouts: README, Data section)
+# Tables 4 and 9: linear transfer of the ImageNet-100 backbone to eight datasets (layouts: docs/data.md)
 TRANSFER = [("cifar10", "data/cifar10"), ("cifar100", "data/cifar100"), ("birdsnap", "data/birdsnap"),
             ("aircraft", "data/fgvc-aircraft-2013b"), ("dtd", "data/dtd"), ("pets", "data/oxford-iiit-pet"),
             ("flowers102", "data/flowers-102"), ("cub200", "data/CUB_200_2011")]

@@ -1,5 +1,5 @@
 """The bad-input suite: every wrong value or file at the CLI gets exit code 2, one line naming the problem, no
-traceback, and an existing run folder is left byte-for-byte as it was (the README lists these cases)."""
+traceback, and an existing run folder is left byte-for-byte as it was (docs/robustness.md lists these cases)."""
 
 import io
 import pickle

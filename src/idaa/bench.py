@@ -221,7 +221,7 @@ def bench_step(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The markdown table `idaa bench step` prints (and the README's Performance section shows)."""
+    """The markdown table `idaa bench step` prints (and docs/results.md shows)."""
     c = result["config"]
     memory_kind = "peak MB" if c["device"].startswith("cuda") else "saved activations MB"
     lines = [f"{c['backbone']} width {c['width'] or 'full'}, batch {c['batch_size']}, {c['image_size']} px, "

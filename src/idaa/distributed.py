@@ -2,7 +2,7 @@
 
 One code path: without a process group (a plain `idaa pretrain`) every helper here is the identity, so the
 losses, the loop and the tests are the same on one CPU, one GPU and many. Launch several processes with
-`torchrun --nproc-per-node N -m idaa pretrain ...` (see the README for SLURM).
+`torchrun --nproc-per-node N -m idaa pretrain ...` (docs/distributed.md has the SLURM recipe).
 """
 
 from __future__ import annotations
