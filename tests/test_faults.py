@@ -27,9 +27,13 @@ HOLDER = """
 import os, sys, time
 from idaa.runlock import RunLock
 RunLock(sys.argv[1]).acquire()
-if len(sys.argv) > 2 and os.fork() == 0:  # a child (like a DataLoader worker) that outlives its parent
-    time.sleep(120)
-    os._exit(0)
+if len(sys.argv) > 2:
+    ready, told = os.pipe()
+    if os.fork() == 0:  # a child (like a DataLoader worker) that outlives its parent
+        os.write(told, b"1")  # its at-fork handler has run by now (on a busy machine the child starts late)
+        time.sleep(120)
+        os._exit(0)
+    os.read(ready, 1)
 print("locked", flush=True)
 time.sleep(120)
 """
