@@ -16,15 +16,20 @@ from idaa.nets.resnet import build_backbone
 CHECKPOINT_FORMAT = 1
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The raw checkpoint dictionary; a missing, truncated or foreign file is a one-line error."""
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """What a checkpoint file holds; a missing or truncated file is a one-line error (pretrain and semi alike)."""
     path = Path(path)
     if not path.is_file():
         raise IdaaError(f"checkpoint '{path}' does not exist")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, pickle garbage, ...
         raise IdaaError(f"'{path}' is not a readable checkpoint ({type(exc).__name__})") from None
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dictionary; a missing, truncated or foreign file is a one-line error."""
+    blob = load_file(path, map_location)
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or "method" not in blob:
         raise IdaaError(f"'{path}' is not an idaa pretraining checkpoint")
     return blob

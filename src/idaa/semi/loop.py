@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
+from idaa.checkpoints import load_file
 from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
@@ -147,13 +148,7 @@ def _build(cfg: SemiConfig, labelled: list[int] | None = None) -> _Run:
 
 def read_semi_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A `idaa semi` last.ckpt as a dict; a missing, truncated or foreign file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise IdaaError(f"checkpoint '{path}' does not exist")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated zip, pickle garbage, ...
-        raise IdaaError(f"'{path}' is not a readable checkpoint ({type(exc).__name__})") from None
+    blob = load_file(path, map_location)
     if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
         raise IdaaError(f"'{path}' is not an 'idaa semi' checkpoint")
     return blob
