@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_folders import write_image_folder
 
 from idaa.cli import main
 from idaa.data import feeds, unreadable
@@ -22,16 +21,7 @@ NET = ["--width", "4", "--batch-size", "4", "--no-progress", "--image-size", "16
 
 def good_folder(root: Path, per_class: int = 8, test_per_class: int = 3) -> Path:
     """train/ and test/ with two classes of random-size JPEGs and PNGs (noise: no image is ever all zeros)."""
-    rng = np.random.default_rng(3)
-    for part, count in (("train", per_class), ("test", test_per_class)):
-        for c in ("cat", "dog"):
-            folder = root / part / c
-            folder.mkdir(parents=True)
-            for i in range(count):
-                w, h = (int(v) for v in rng.integers(20, 60, 2))
-                pixels = rng.integers(1, 256, (h, w, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
-    return root
+    return write_image_folder(root, {"train": per_class, "test": test_per_class}, seed=3, sizes=(20, 60), lowest=1)
 
 
 def bad_folder(root: Path) -> tuple[Path, dict[str, Path]]:

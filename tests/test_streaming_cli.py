@@ -3,10 +3,9 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_folders import write_image_folder
 
 from idaa.cli import main
 
@@ -14,16 +13,7 @@ NET = ["--width", "4", "--batch-size", "4", "--knn-every", "0", "--no-progress"]
 
 
 def mixed_folder(root: Path, per_class: int = 6) -> Path:
-    rng = np.random.default_rng(1)
-    for part in ("train", "test"):
-        for c in ("cat", "dog"):
-            folder = root / part / c
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                w, h = (int(v) for v in rng.integers(20, 70, 2))
-                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
-    return root
+    return write_image_folder(root, {"train": per_class, "test": per_class}, seed=1, sizes=(20, 70))
 
 
 def run(args: list) -> int:
