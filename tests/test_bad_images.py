@@ -105,16 +105,17 @@ def test_evaluation_under_skip_leaves_the_file_out_with_its_label(tmp_path: Path
                 "--workers", "0", "--bad-images", "skip", "--knn-every", "0", "--out", tmp_path / "run"]) == 0
     checkpoint = tmp_path / "run" / "last.ckpt"
     capsys.readouterr()
-    assert run(["eval", "knn", checkpoint, "--workers", "0"]) == 2  # without skip: one line naming the file
+    assert run(["eval", "knn", checkpoint, "--workers", "0", "--bad-images", "error"]) == 2  # one line naming the file
     err = capsys.readouterr().err.strip()
     assert err.startswith("idaa: error:") and "\n" not in err and "--bad-images skip" in err
-    assert run(["eval", "knn", checkpoint, "--workers", "0", "--bad-images", "skip"]) == 0
+    assert not (tmp_path / "run" / "eval_knn.json").exists()
+    assert run(["eval", "knn", checkpoint, "--workers", "0"]) == 0  # the run's own --bad-images skip carries over
     result = json.loads((tmp_path / "run" / "eval_knn.json").read_text())
     assert result["bank"] == 15 and result["queries"] == 6  # 16 - truncated, 7 - bad.jpg: no zero rows
     features = [torch.load(p, weights_only=True)["features"] for p in (tmp_path / "run" / "feature-cache").iterdir()]
     assert sorted(len(f) for f in features) == [6, 15] and all(bool((f.norm(dim=1) > 0).all()) for f in features)
     assert "left out 1 unreadable image(s)" in capsys.readouterr().err
-    assert run(["eval", "linear", checkpoint, "--workers", "0", "--bad-images", "skip", "--no-progress"]) == 0
+    assert run(["eval", "linear", checkpoint, "--workers", "0", "--no-progress"]) == 0
     linear = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert linear["train_images"] == 15 and linear["test_images"] == 6
 

@@ -61,3 +61,12 @@ def test_the_run_keeps_its_folder_and_reading_for_its_own_dataset() -> None:
     assert checkpoint_data(CONFIG, data_dir="/other").data_dir == "/other"
     other = checkpoint_data(CONFIG, "digits")
     assert (other.name, other.data_dir, other.options, other.own) == ("digits", None, StreamOptions(), False)
+
+
+def test_a_run_trained_with_skip_is_evaluated_with_skip_unless_told_otherwise() -> None:
+    config = {**CONFIG, "bad_images": "skip"}
+    assert checkpoint_data(config).options.bad_images == "skip"
+    assert checkpoint_data(config, data_dir="/other").options.bad_images == "skip"  # its images, another copy
+    assert checkpoint_data(config, sources=StreamOptions(bad_images="error")).options.bad_images == "error"
+    assert checkpoint_data(config, "digits").options.bad_images is None  # another dataset: the default, error
+    assert checkpoint_data(CONFIG).options.bad_images is None  # a run from before the setting was saved

@@ -110,7 +110,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
 
 
 def describe_files(root: Path, split: str, files: list[str], labels: list[int],
-                   bad_images: str) -> tuple[list[int], np.ndarray, str]:
+                   bad_images: str | None) -> tuple[list[int], np.ndarray, str]:
     """Readable rows, their (width, height) from the headers and a digest, with the headers cached by file."""
     cache_path = root / f".idaa-listing-{split}.json"
     cached = _read_json(cache_path).get("files", {})
@@ -127,7 +127,7 @@ def describe_files(root: Path, split: str, files: list[str], labels: list[int],
         entry = cached.get(rel)
         if entry is None or entry[:2] != [st.st_size, st.st_mtime_ns]:
             entry = [st.st_size, st.st_mtime_ns, *_header_size(path)]
-        if entry[2] <= 0 and bad_images == "error":
+        if entry[2] <= 0 and bad_images != "skip":
             raise DataError(f"cannot read image '{path}': not a readable image file (--bad-images skip leaves it out)")
         entries[rel] = entry
         digest.update(f"{rel}\0{label}\0{entry[0]}\0{entry[1]}\n".encode())

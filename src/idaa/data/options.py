@@ -28,7 +28,7 @@ class StreamOptions:
     stream: bool | None = None
     image_size: int | None = None
     workers: int | None = None
-    bad_images: str = "error"
+    bad_images: str | None = None  # None: "error", or on a checkpoint's own data the run's own choice
     seed: int = 0
     test_fraction: float | None = None  # a single labelled folder: hold out this seeded share of each class
 
@@ -41,7 +41,7 @@ class StreamOptions:
         if self.test_fraction is not None and not (isinstance(self.test_fraction, int | float)
                                                    and 0 < self.test_fraction < 1):
             raise DataError(f"--test-fraction must be a number in (0, 1), got {self.test_fraction!r}")
-        if self.bad_images not in BAD_IMAGES:
+        if self.bad_images is not None and self.bad_images not in BAD_IMAGES:
             raise DataError(f"--bad-images must be one of {', '.join(BAD_IMAGES)}, got {self.bad_images!r}")
         return self
 
@@ -60,8 +60,9 @@ def add_stream_arguments(parser: Any, image_size: bool = True) -> None:
                             help="crop size of streamed images (default: their size if uniform, else 224)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding streamed images (default: the cores less one)")
-    parser.add_argument("--bad-images", default="error", choices=BAD_IMAGES,
-                        help="error (default: stop, naming the file) or skip unreadable images")
+    parser.add_argument("--bad-images", default=None, choices=BAD_IMAGES,
+                        help="error (stop, naming the file) or skip unreadable images (default: error, or on a "
+                             "checkpoint's own data the run's own choice)")
     parser.add_argument("--test-fraction", type=float, default=None,
                         help="a single labelled folder: hold out this seeded share of every class as the test split")
 
@@ -79,5 +80,6 @@ def checkpoint_options(cfg: dict[str, Any], same_data: bool, given: StreamOption
         return given.validate()
     stream = given.stream if given.stream is not None else cfg.get("stream")
     test_fraction = given.test_fraction if given.test_fraction is not None else cfg.get("test_fraction")
+    bad_images = given.bad_images or cfg.get("bad_images")  # a run trained with skip is evaluated with skip
     return replace(given, stream=stream, image_size=given.image_size or cfg.get("image_size"),
-                   seed=cfg.get("seed", 0), test_fraction=test_fraction).validate()
+                   seed=cfg.get("seed", 0), test_fraction=test_fraction, bad_images=bad_images).validate()

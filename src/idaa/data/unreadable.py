@@ -33,7 +33,7 @@ class Screen:
     """The unreadable images of a feed's batches: under --bad-images error they stop the epoch (`failure`, every
     rank at the same batch); under skip they are left out and counted (`left_out`, summed over ranks)."""
 
-    def __init__(self, bad_images: str, device: torch.device) -> None:
+    def __init__(self, bad_images: str | None, device: torch.device) -> None:
         self.bad_images, self.device = bad_images, device
         self.failure: str | None = None
         self.left_out, self.example = 0, ""  # this epoch's, kept in a mid-epoch checkpoint (`bad_images`)
@@ -50,7 +50,7 @@ class Screen:
         Under skip every rank keeps as many rows, the fewest any rank has readable: the loss gathers equal shares.
         """
         bad = [e for e in errors if e]
-        if self.bad_images == "error":
+        if self.bad_images != "skip":  # "error", or None: the default
             if dist.max_int(int(bool(bad)), self.device):
                 self.failure = bad[0] if bad else "another process met an unreadable image"
                 return None
