@@ -141,6 +141,28 @@ def test_data_check_names_each_bad_file_and_data_list_counts_them(tmp_path: Path
     assert "--workers must be" in capsys.readouterr().err
 
 
+def test_data_check_decodes_every_image_of_a_shard_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = good_folder(tmp_path / "data")
+    truncated = data / "train" / "cat" / "truncated.jpg"
+    truncated.write_bytes((data / "train" / "cat" / "1.jpg").read_bytes()[:-200])  # packs: its header reads
+    assert run(["data", "pack", data, "--out", tmp_path / "shards", "--shard-size", "5", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert run(["data", "check", tmp_path / "shards", "--workers", "2", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and ".tar:" in lines[0] and "truncated" in lines[0]
+    assert err.startswith("idaa: error: 1 of 23 images in the shards of") and err.count("\n") == 1
+    truncated.unlink()
+    assert run(["data", "pack", data, "--out", tmp_path / "clean", "--no-progress"]) == 0
+    assert run(["data", "check", tmp_path / "clean", "--workers", "0", "--no-progress"]) == 0
+    assert "all 22 images in the shards of" in capsys.readouterr().out
+    shard = next((tmp_path / "clean").glob("train-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:3000])  # a cut tar: its readable samples are checked, the cut is named
+    assert run(["data", "check", tmp_path / "clean", "--workers", "0", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert f"cannot read shard '{shard}'" in out and "Traceback" not in err
+
+
 def test_decode_results_are_reused_by_evaluation_until_a_file_changes(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data, bad = bad_folder(tmp_path / "data")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from idaa.data.layouts import LAYOUTS, has_test_split, read_layout
 from idaa.data.options import default_workers
-from idaa.data.shards import INDEX, ShardSource, pack_shards
+from idaa.data.shards import INDEX, ShardSource, check_shards, is_shard_folder, pack_shards
 from idaa.data.unreadable import find_unreadable, header_problems
 from idaa.errors import DataError
 
@@ -32,10 +32,11 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts}, or shards (default: folder)")
     show.add_argument("--test-fraction", type=float, default=None)
     show.add_argument("--seed", type=int, default=0)
-    check = group.add_parser("check", help="decode every image of a folder, name the ones that do not decode "
-                             "(exit 2 when any)")
+    check = group.add_parser("check", help="decode every image of a folder or shard folder, name the ones that "
+                             "do not decode (exit 2 when any)")
     check.add_argument("folder")
-    check.add_argument("--dataset", default="folder", help=f"layout of FOLDER: {layouts} (default: folder)")
+    check.add_argument("--dataset", default="folder",
+                       help=f"layout of FOLDER: {layouts} (default: folder; a shard folder is recognised)")
     check.add_argument("--workers", type=int, default=None,
                        help="processes decoding the images (default: the cores less one)")
     check.add_argument("--no-progress", action="store_true")
@@ -70,15 +71,20 @@ def check_folder(layout: str, folder: str, workers: int | None = None, progress:
     a summary. Raises DataError (exit 2) when any does not, so a script can test the folder before training."""
     if workers is not None and workers < 0:
         raise DataError(f"--workers must be an integer >= 0, got {workers}")
-    splits = ("train", "test") if has_test_split(layout, folder, None) else ("train",)
-    files = list(dict.fromkeys(str(f) for split in splits for f in read_layout(layout, folder, split).files))
-    bad = find_unreadable(files, default_workers() if workers is None else workers, reuse=False, progress=progress)
+    workers = default_workers() if workers is None else workers
+    if layout == "shards" or is_shard_folder(folder):
+        count, bad = check_shards(folder, workers, progress)
+        what = "images in the shards of"
+    else:
+        splits = ("train", "test") if has_test_split(layout, folder, None) else ("train",)
+        files = list(dict.fromkeys(str(f) for split in splits for f in read_layout(layout, folder, split).files))
+        count, bad, what = len(files), find_unreadable(files, workers, reuse=False, progress=progress), "image files in"
     for path, reason in bad.items():
         print(f"{path}: {reason}")
     if bad:
-        raise DataError(f"{len(bad)} of {len(files)} image files in '{folder}' do not decode (listed above); remove "
+        raise DataError(f"{len(bad)} of {count} {what} '{folder}' do not decode (listed above); remove "
                         "or replace them, or train with --bad-images skip, which leaves them out")
-    print(f"check: all {len(files)} image files in '{folder}' decode")
+    print(f"check: all {count} {what} '{folder}' decode")
 
 
 def _list_shards(folder: str) -> None:

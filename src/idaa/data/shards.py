@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from idaa.data.crops import CropBatch, center_crop, crop_views, stack_crops
+from idaa.data.decode import read_rgb
 from idaa.data.layouts import has_test_split, layout_name, read_layout
 from idaa.data.listing import IMAGE_EXTENSIONS, Listing, image_stats
 from idaa.data.options import StreamOptions
@@ -225,6 +226,53 @@ class ShardSource:
             if bad:
                 raise DataError(bad)
             yield images, labels
+
+
+def check_shards(folder: str | Path, workers: int = 0, progress: bool = False) -> tuple[int, dict[str, str]]:
+    """(images, {shard:sample: reason}) over every split's shards: each image decoded in full, in `workers`
+    processes (one shard each at a time), the way `idaa data check` decodes a folder's files."""
+    shards = [s for split in _splits(folder) for s in ShardSource(folder, split).shards]
+    loader = torch.utils.data.DataLoader(_ShardCheck(list(dict.fromkeys(shards))), batch_size=None,
+                                         num_workers=min(workers, len(shards)))
+    images, bad = 0, {}
+    with tqdm(total=len(shards), desc="check", unit="shard", disable=not progress, dynamic_ncols=True) as bar:
+        for count, reasons in loader:
+            images += count
+            bad.update(reasons)
+            bar.update(1)
+    return images, bad
+
+
+def _splits(folder: str | Path) -> list[str]:
+    ShardSource(folder)  # refuses a folder without a readable index or with missing shards (one line)
+    return list(json.loads((Path(folder) / INDEX).read_text())["splits"])
+
+
+class _ShardCheck(torch.utils.data.Dataset):
+    """Shard paths -> (samples, {shard:sample: reason} of those whose image does not decode)."""
+
+    def __init__(self, shards: list[str]) -> None:
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, str]]:
+        count, bad = 0, {}
+        for row in _read([self.shards[index]]):
+            name = f"{row.get('__url__')}:{row.get('__key__')}"
+            image = next((row[e] for e in _EXTENSIONS if e in row), None)
+            count += "error" not in row
+            if "error" in row or image is None:
+                bad[name] = row.get("error") or "holds no image"
+                continue
+            encoded = io.BytesIO(image)
+            encoded.name = name
+            try:
+                read_rgb(encoded)
+            except DataError as exc:
+                bad[name] = str(exc).removeprefix(f"cannot read image '{name}': ")
+        return count, bad
 
 
 class ShardBatches:
