@@ -119,6 +119,32 @@ def test_a_lock_file_left_by_a_dead_process_does_not_block(straight, tmp_path, c
     assert code == 0, err
 
 
+def test_a_checkpoint_replaced_before_the_lock_is_taken_is_not_resumed_from(straight, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A resume reads last.ckpt before it holds the lock; if another writer replaced it meanwhile (finished an
+    epoch and let go), resuming from the stale copy would redo and truncate its work: it is refused instead."""
+    import idaa.train.pretrain as pretrain
+
+    folder = tmp_path / "run"
+    assert run(["pretrain", *TINY, "--out", folder, "--max-steps", "2"], capsys)[0] == 0
+    build = pretrain._build
+
+    def other_writer_finishes_meanwhile(cfg, device):
+        for name in ("metrics.jsonl", "last.ckpt"):  # what the other process leaves: replaced, not edited
+            shutil.copy(straight / name, folder / f"{name}.new")
+            os.replace(folder / f"{name}.new", folder / name)
+        return build(cfg, device)
+
+    monkeypatch.setattr(pretrain, "_build", other_writer_finishes_meanwhile)
+    code, _, err = run(["pretrain", "--resume", "--out", folder, "--no-progress"], capsys)
+    assert code == 2 and one_line(err) and "was rewritten while this run was starting" in err, err
+    assert records(folder) == records(straight), "the finished work is left as the other writer wrote it"
+    monkeypatch.setattr(pretrain, "_build", build)
+    code, _, err = run(["pretrain", "--resume", "--out", folder, "--no-progress"], capsys)
+    assert code == 0, err
+    assert_same_run(folder, straight)
+
+
 def test_the_lock_dies_with_its_holder_even_when_a_forked_child_lives_on(tmp_path):
     holder = hold_lock(tmp_path, fork_child=True)  # the child keeps a copy of every descriptor of the parent
     lock = RunLock(tmp_path)

@@ -128,11 +128,14 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     last_path = Path(cfg.out) / "last.ckpt"
     if resume and not last_path.is_file():
         raise IdaaError(f"cannot resume: '{last_path}' does not exist")
+    last = LastCheckpoint(last_path)
+    if resume:
+        last.read_for_resume()  # checked again once the folder's lock is held (open_run_folder)
     blob = read_checkpoint(last_path, map_location=device) if resume else None
     run = _build(cfg, device)
     data_meta = {"name": run.train.name, "image_size": run.train.image_size, "channels": run.train.channels,
                  "mean": list(run.train.mean), "std": list(run.train.std), "num_classes": len(run.train.classes)}
-    state = RunState(LastCheckpoint(last_path), {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
+    state = RunState(last, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
                                                  "data": data_meta, "world_size": world}, run.vae,
                      {"method": run.method, "optimizer": run.optimizer, "scheduler": run.scheduler,
                       "scaler": run.scaler}, run.feed)

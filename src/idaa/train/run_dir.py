@@ -107,6 +107,18 @@ class LastCheckpoint:
     step: int | None = None  # None: none written yet
     unit: str = "step"
     resume: str = "resume with --resume"
+    read_as: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file a resume read, before the lock
+
+    def read_for_resume(self) -> None:
+        """Note which file a resume reads. It is read before the folder's lock is taken (every rank reads it),
+        so `check_unchanged` tells, once the lock is held, whether another writer replaced it meanwhile."""
+        self.read_as = _file_stamp(self.path)
+
+    def check_unchanged(self) -> None:
+        """Refuse to resume from a checkpoint that another process replaced after this one read it."""
+        if self.read_as is not None and _file_stamp(self.path) != self.read_as:
+            raise IdaaError(f"'{self.path}' was rewritten while this run was starting (another process trained in "
+                            "this folder); nothing was changed: run the command again to resume from the new one")
 
     def intact(self) -> str:
         """'last.ckpt at step 40 is intact: resume with --resume' (the fault's own words say what to fix first)."""
@@ -126,6 +138,14 @@ class LastCheckpoint:
             if fault is None:
                 raise
             raise WriteFault(f"{fault}; {self.intact()}") from None
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _record_step(line: str) -> int:

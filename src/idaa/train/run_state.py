@@ -71,6 +71,7 @@ def open_run_folder(settings: RunSettings, out: str | Path, config: dict[str, An
             trackers = plan_trackers(settings.logger, out, resume, mlflow_uri=settings.mlflow_uri,
                                      wandb_project=settings.wandb_project, wandb_entity=settings.wandb_entity)
             folder = prepare_run_dir(out, overwrite=overwrite, resume=resume, lock=lock)
+            checkpointed.check_unchanged()  # the checkpoint read before the lock is still the one on disk
             with checkpointed.on_write_fault():
                 remove_stale_temporaries(folder)
                 write_config(folder / "config.yaml", config)
