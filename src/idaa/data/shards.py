@@ -157,6 +157,7 @@ class ShardSource:
         self.classes: list[str] = list(index["classes"])
         self.labels = torch.tensor(index["splits"][split]["labels"], dtype=torch.int64)  # by index in the split
         self.mean, self.std = tuple(index["mean"]), tuple(index["std"])
+        self.packed_splits: list[str] = list(index["splits"])  # every split of the folder, this one among them
         self.options = options or StreamOptions()  # workers, seed, bad images
 
     def __len__(self) -> int:
@@ -231,8 +232,8 @@ class ShardSource:
 def check_shards(folder: str | Path, workers: int = 0, progress: bool = False) -> tuple[int, dict[str, str]]:
     """(images, {shard:sample: reason}) over every split's shards: each image decoded in full, in `workers`
     processes (one shard each at a time), the way `idaa data check` decodes a folder's files."""
-    shards = [s for split in _splits(folder) for s in ShardSource(folder, split).shards]
-    loader = torch.utils.data.DataLoader(_ShardCheck(list(dict.fromkeys(shards))), batch_size=None,
+    shards = [s for split in ShardSource(folder).packed_splits for s in ShardSource(folder, split).shards]
+    loader = torch.utils.data.DataLoader(_ShardCheck(shards), batch_size=None,
                                          num_workers=min(workers, len(shards)))
     images, bad = 0, {}
     with tqdm(total=len(shards), desc="check", unit="shard", disable=not progress, dynamic_ncols=True) as bar:
@@ -241,11 +242,6 @@ def check_shards(folder: str | Path, workers: int = 0, progress: bool = False) -
             bad.update(reasons)
             bar.update(1)
     return images, bad
-
-
-def _splits(folder: str | Path) -> list[str]:
-    ShardSource(folder)  # refuses a folder without a readable index or with missing shards (one line)
-    return list(json.loads((Path(folder) / INDEX).read_text())["splits"])
 
 
 class _ShardCheck(torch.utils.data.Dataset):

@@ -135,8 +135,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, resume: bool, overwrite
     run = _build(cfg, device)
     data_meta = {"name": run.train.name, "image_size": run.train.image_size, "channels": run.train.channels,
                  "mean": list(run.train.mean), "std": list(run.train.std), "num_classes": len(run.train.classes)}
-    state = RunState(last, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
-                                                 "data": data_meta, "world_size": world}, run.vae,
+    state = RunState(last, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "data": data_meta,
+                            "world_size": world}, run.vae,
                      {"method": run.method, "optimizer": run.optimizer, "scheduler": run.scheduler,
                       "scaler": run.scaler}, run.feed)
     if blob is not None:
