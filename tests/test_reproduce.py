@@ -164,6 +164,35 @@ variants:
     assert (best["adversary"], best["alpha"], best["epochs"]) == ("random-view", 2.0, 2)
 
 
+def test_a_matched_variant_trained_seed_by_seed_is_measured_over_every_seed_of_the_file(tmp_path):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  slow: {adversary: random-view}
+  none-time-slow: {match_time_of: slow}
+"""
+    path, out = protocol_file(tmp_path, text), str(tmp_path / "rep")
+    one = read_protocol(path, seeds="0", out=out)
+    assert (one.seeds, one.match_seeds) == ([0], [0, 1])
+    fake_run(one.out / "runs" / "none-s0", 2, 1.0, [40.0, 50.0])
+    fake_run(one.out / "runs" / "slow-s0", 2, 3.0, [45.0, 55.0])
+    with pytest.raises(IdaaError, match=r"matched over seeds 0,1: it needs the finished runs of slow, none for all "
+                                        r"of them \(--seeds 0,1\)"):
+        _resolve_stage(one, ["none-time-slow"], plan(one), echo=lambda text: None)
+    assert not (one.out / "resolved.json").exists(), "nothing resolved from seed 0 alone"
+    fake_run(one.out / "runs" / "none-s1", 2, 1.0, [40.0, 50.0])
+    fake_run(one.out / "runs" / "slow-s1", 2, 5.0, [45.0, 55.0])
+    runs = _resolve_stage(one, ["none-time-slow"], plan(one), echo=lambda text: None)
+    found = read_resolved(one)["none-time-slow"]
+    # slow's mean over both seeds is 8 s (seed 0 alone: 6 s) at none's 1 s per epoch: 8 epochs, not 6
+    assert (found["epochs"], found["seeds"]) == (8, [0, 1])
+    assert [r.name for r in runs if r.variant == "none-time-slow"] == ["none-time-slow-s0"]
+    assert "fewer seeds" not in report_markdown(collect(one, runs, "idaa reproduce p.yaml"))
+    (one.out / "resolved.json").write_text(json.dumps({"none-time-slow": {**found, "seeds": [0]}}))
+    markdown = report_markdown(collect(one, plan(one), "idaa reproduce p.yaml"))
+    assert "Measured over fewer seeds than the protocol's: `none-time-slow` over seed(s) 0 only." in markdown
+
+
 def test_compare_time_pairs_and_a_published_report(tmp_path, capsys):
     text = BASE + """seeds: [0, 1]
 variants:

@@ -77,6 +77,12 @@ class Protocol:
     out: Path
     publish: Path | None = None
     match_by: str = "seconds"
+    # the file's seeds: a compute-matched or best-of variant is measured over all of them, whatever --seeds
+    # trains now, so training seed by seed matches the same budget as training every seed at once
+    match_seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.match_seeds = self.match_seeds or list(self.seeds)
 
 
 def _names(value: Any, what: str) -> list[str]:
@@ -233,7 +239,8 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
                     parse_seeds(seeds if seeds is not None else data.get("seeds", [0]),
                                 "--seeds" if seeds is not None else "seeds"),
                     grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
-                    target, Path(publish) if publish is not None else None, match_by)
+                    target, Path(publish) if publish is not None else None, match_by,
+                    parse_seeds(data.get("seeds", [0]), "seeds"))
 
 
 def stages(protocol: Protocol) -> list[list[str]]:

@@ -129,6 +129,15 @@ def equal_time_pairs(protocol: Protocol) -> list[tuple[str, str]]:
     return matched + [pair for pair in protocol.compare_time if pair not in matched]
 
 
+def partial_matches(protocol: Protocol) -> str:
+    """A sentence naming the deferred variants resolved over fewer seeds than the protocol's (empty if none)."""
+    resolved = read_resolved(protocol)
+    notes = [f"`{name}` over seed(s) {', '.join(map(str, found['seeds']))} only"
+             for name, found in resolved.items() if name in protocol.variants and
+             sorted(found.get("seeds", [])) != sorted(protocol.match_seeds)]
+    return f" Measured over fewer seeds than the protocol's: {'; '.join(notes)}." if notes else ""
+
+
 def best_of_pairs(protocol: Protocol) -> list[tuple[str, str]]:
     resolved = read_resolved(protocol)
     return [(v.name, resolved[v.name]["best"]) for v in protocol.variants.values()
@@ -203,7 +212,7 @@ def report_markdown(r: Report) -> str:
                           "in its IDAA variant's training time (its cosine schedule spans them all)"
                           f"{MATCHED_IN_UNITS if p.match_by == 'knn-units' else ''}; "
                           "`resolved.json` holds the measured times. Pairs listed under `compare_time` cost the same "
-                          "by construction (e.g. another eps at the same attack schedule).",
+                          f"by construction (e.g. another eps at the same attack schedule).{partial_matches(p)}",
                           comparison_table(r, equal_time_pairs(p), True))
     if best_of_pairs(p):
         parts += _section("Other settings for the best variant", "Each `best_of` variant (first) takes the "

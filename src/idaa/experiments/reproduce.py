@@ -226,20 +226,24 @@ def results_by_variant(runs: list[Run]) -> dict[str, dict[int, RunResult]]:
 
 
 def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, Any] | None:
-    """Measure what a deferred variant needs from its finished dependencies (None if some are unfinished)."""
+    """Measure what a deferred variant needs from its finished dependencies (None if some are unfinished).
+
+    `runs` holds the dependencies' runs for every seed of `protocol.match_seeds`.
+    """
     results = results_by_variant([r for r in runs if r.variant in variant.depends_on])
     for dep in variant.depends_on:
-        if len(results.get(dep, {})) < len(protocol.seeds) or any(r.status != "done" for r in results[dep].values()):
+        if set(results.get(dep, {})) != set(protocol.match_seeds) or \
+                any(r.status != "done" for r in results[dep].values()):
             return None
     if variant.best_of:
         knn = {c: statistics.fmean(r.knn_top1 for r in results[c].values()) for c in variant.best_of}
         best = max(variant.best_of, key=lambda c: knn[c])
-        return {"best": best, "mean_knn_top1": knn, "seeds": protocol.seeds}
+        return {"best": best, "mean_knn_top1": knn, "seeds": protocol.match_seeds}
     target = statistics.fmean(r.train_time for r in results[variant.match_time_of].values())
     rate = statistics.fmean(r.train_time / r.epochs for r in results[variant.rate_from].values())
     resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
                 "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
-                "seeds": protocol.seeds, "match_by": protocol.match_by}
+                "seeds": protocol.match_seeds, "match_by": protocol.match_by}
     vae_seconds = vae_training_seconds([r for r in runs if r.variant == variant.match_time_of]) \
         if variant.plus_vae_time else 0.0
     if vae_seconds:
@@ -275,13 +279,17 @@ def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: 
     """Resolve the stage's deferred variants (their dependencies have just finished) and re-plan."""
     resolved = read_resolved(protocol)
     changed = False
+    measured = runs if protocol.seeds == protocol.match_seeds else \
+        plan(dataclasses.replace(protocol, seeds=protocol.match_seeds), resolved, training=False)
     for name in stage:
         variant = protocol.variants[name]
         if not variant.deferred or name in resolved:
             continue
-        found = resolve(protocol, variant, runs)
+        found = resolve(protocol, variant, measured)
         if found is None:
-            raise IdaaError(f"variant '{name}' needs the finished runs of {', '.join(variant.depends_on)}")
+            seeds = ",".join(map(str, protocol.match_seeds))
+            raise IdaaError(f"variant '{name}' is matched over seeds {seeds}: it needs the finished runs of "
+                            f"{', '.join(variant.depends_on)} for all of them (--seeds {seeds})")
         resolved[name] = found
         changed = True
         what = f"{found['epochs']} epochs" if "epochs" in found else f"the settings of '{found['best']}'"
