@@ -373,3 +373,25 @@ def test_a_full_disk_while_saving_the_vae_keeps_the_old_one(tmp_path, tiny_vae, 
     assert caught.value.errno == errno.ENOSPC  # the CLI turns it into one line, exit 75
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["vae.pt"], "no partial file"
     load_vae(path)
+
+
+def test_a_vae_still_being_trained_is_refused_by_training_commands(tmp_path, capsys):
+    vae_dir, out = tmp_path / "vae", tmp_path / "run"
+    code, _, err = run(["vae", "train", "--dataset", "digits", "--limit", "64", "--epochs", "1", "--latent-dim", "8",
+                        "--hidden", "16", "--batch-size", "32", "--no-progress", "--out", vae_dir], capsys)
+    assert code == 0, err
+    adversarial = ["--adversary", "idaa", "--vae", vae_dir / "vae.pt"]
+    semi = ["semi", "--dataset", "digits", "--limit", "100", "--backbone", "wrn10-1", "--labels", "20", "--steps", "1",
+            "--no-progress", *adversarial]
+    holder = hold_lock(vae_dir)  # `idaa vae train` between two epochs: vae.pt is replaced at the next one
+    try:
+        for command in (["pretrain", *TINY, *adversarial], semi):
+            code, _, err = run([*command, "--out", out], capsys)
+            assert code == 2 and one_line(err), err
+            assert f"VAE '{vae_dir / 'vae.pt'}' is still being trained by pid {holder.pid} on host " in err
+            assert not out.exists(), "refused before the run folder is made"
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run(["pretrain", *TINY, *adversarial, "--out", out], capsys)  # its trainer has finished
+    assert code == 0, err

@@ -86,19 +86,31 @@ class RunLock:
 
     def refusal(self) -> str:
         """'run folder RUN is in use by pid 1234 on host h since 10:02; wait for it or stop it'."""
-        holder = read_holder(self.path)
-        who = "another process"
-        if "pid" in holder:
-            who = f"pid {holder['pid']} on host {holder.get('host', '?')}"
-            if isinstance(holder.get("started"), int | float):
-                who += f" since {_clock(holder['started'])}"
-        return f"run folder {self.folder} is in use by {who}; wait for it or stop it"
+        return f"run folder {self.folder} is in use by {_holder_text(self.path)}; wait for it or stop it"
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def writer_of(folder: str | Path) -> str | None:
+    """Who else holds `folder`'s run lock now ('pid 1234 on host h since 10:02'), or None when nobody does."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run ever wrote there
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with a writer's exclusive lock only
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holder = read_holder(Path(folder) / LOCK_FILE)
+            return None if holder.get("pid") == os.getpid() else _holder_text(Path(folder) / LOCK_FILE)
+        return None  # a filesystem without locks: nothing to tell
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return None
 
 
 def read_holder(path: str | Path) -> dict[str, Any]:
@@ -130,6 +142,17 @@ def eval_lock(folder: str | Path) -> Iterator[None]:
         if fd is not None:
             _HELD.discard(fd)
             os.close(fd)  # closing drops the lock
+
+
+def _holder_text(path: Path) -> str:
+    """'pid 1234 on host h since 10:02' from a lock file, or 'another process' when it names nobody."""
+    holder = read_holder(path)
+    if "pid" not in holder:
+        return "another process"
+    who = f"pid {holder['pid']} on host {holder.get('host', '?')}"
+    if isinstance(holder.get("started"), int | float):
+        who += f" since {_clock(holder['started'])}"
+    return who
 
 
 def _write_holder(fd: int) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from idaa.errors import IdaaError
 from idaa.fileio import atomic_torch_save
+from idaa.runlock import writer_of
 
 VAE_FORMAT = 1
 VAE_PRECISIONS = ("fp32", "bf16")
@@ -150,11 +151,18 @@ def save_vae(vae: VAE, path: str | Path, meta: dict[str, Any]) -> None:
                        "meta": dict(meta)}, path)  # a full disk: one line, exit 75, the old vae.pt kept
 
 
-def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
-    """Restore a frozen VAE from `vae.pt`; its training data description is in `vae.meta`."""
+def load_vae(path: str | Path, map_location: str | torch.device = "cpu", *, to_train_with: bool = False) -> VAE:
+    """Restore a frozen VAE from `vae.pt`; its training data description is in `vae.meta`.
+
+    `to_train_with` refuses a vae.pt that `idaa vae train` is still writing (it is replaced every epoch): a run
+    trained on a half-trained VAE, whose file then changes under it, could never be resumed or reproduced.
+    """
     path = Path(path)
     if not path.is_file():
         raise IdaaError(f"VAE checkpoint '{path}' does not exist")
+    writer = writer_of(path.parent) if to_train_with else None
+    if writer is not None:
+        raise IdaaError(f"VAE '{path}' is still being trained by {writer}; start once it has finished")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
         vae = VAE(**blob["config"])

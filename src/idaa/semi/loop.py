@@ -140,7 +140,7 @@ def _build(cfg: SemiConfig, labelled: list[int] | None = None) -> _Run:
                     for name in ("fixmatch-weak", "fixmatch-strong"))
     vae = None
     if cfg.adversary in VAE_ADVERSARIES:
-        vae = load_vae(cfg.vae, map_location=device)
+        vae = load_vae(cfg.vae, map_location=device, to_train_with=True)
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps, view_fn=strong)
     return _Run(train, test, split[0], split[1], model, adversary, weak, strong, device)

@@ -212,7 +212,7 @@ def _build_adversary(cfg: PretrainConfig, train: Source, views: ViewPolicy,
     if cfg.adversary in VAE_ADVERSARIES:
         if cfg.vae is None:
             raise IdaaError(f"adversary '{cfg.adversary}' needs --vae VAE.pt (make one with 'idaa vae train')")
-        vae = load_vae(cfg.vae, map_location=device).set_precision(cfg.vae_precision)
+        vae = load_vae(cfg.vae, map_location=device, to_train_with=True).set_precision(cfg.vae_precision)
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
         vae_ref = {"path": str(cfg.vae), "sha256": file_digest(cfg.vae)}
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps,
