@@ -375,7 +375,7 @@ def test_a_full_disk_while_saving_the_vae_keeps_the_old_one(tmp_path, tiny_vae, 
     load_vae(path)
 
 
-def test_a_vae_still_being_trained_is_refused_by_training_commands(tmp_path, capsys):
+def test_a_vae_still_being_trained_or_stopped_early_is_refused_by_training_commands(tmp_path, capsys):
     vae_dir, out = tmp_path / "vae", tmp_path / "run"
     code, _, err = run(["vae", "train", "--dataset", "digits", "--limit", "64", "--epochs", "1", "--latent-dim", "8",
                         "--hidden", "16", "--batch-size", "32", "--no-progress", "--out", vae_dir], capsys)
@@ -394,4 +394,15 @@ def test_a_vae_still_being_trained_is_refused_by_training_commands(tmp_path, cap
         holder.kill()
         holder.wait()
     code, _, err = run(["pretrain", *TINY, *adversarial, "--out", out], capsys)  # its trainer has finished
+    assert code == 0, err
+    # a trainer killed after epoch 1 of 3 (no resume exists): its vae.pt says epoch 1, its config.yaml 3
+    config = vae_dir / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 3\n"))
+    code, _, err = run(["pretrain", *TINY, *adversarial, "--out", tmp_path / "early"], capsys)
+    assert code == 2 and one_line(err), err
+    assert f"VAE '{vae_dir / 'vae.pt'}' holds epoch 1 of the 3 its training asked for (it stopped early)" in err
+    assert not (tmp_path / "early").exists()
+    shutil.copy(vae_dir / "vae.pt", tmp_path / "kept.pt")  # copied out of its folder, it is taken as it is
+    code, _, err = run(["pretrain", *TINY, "--adversary", "idaa", "--vae", tmp_path / "kept.pt", "--out",
+                        tmp_path / "early"], capsys)
     assert code == 0, err

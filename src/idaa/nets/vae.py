@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from idaa.errors import IdaaError
@@ -155,7 +156,8 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu", *, to_t
     """Restore a frozen VAE from `vae.pt`; its training data description is in `vae.meta`.
 
     `to_train_with` refuses a vae.pt that `idaa vae train` is still writing (it is replaced every epoch): a run
-    trained on a half-trained VAE, whose file then changes under it, could never be resumed or reproduced.
+    trained on a half-trained VAE, whose file then changes under it, could never be resumed or reproduced. It
+    also refuses one whose training stopped early (fewer epochs than the config.yaml beside it asked for).
     """
     path = Path(path)
     if not path.is_file():
@@ -172,7 +174,20 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu", *, to_t
     except Exception as exc:  # a truncated or foreign file: say which one, in one line
         raise IdaaError(f"'{path}' is not a readable idaa VAE checkpoint ({type(exc).__name__})") from None
     vae.meta = dict(blob.get("meta", {}))
+    if to_train_with:
+        _refuse_unfinished(path, vae.meta.get("epochs"))
     return vae.freeze()
+
+
+def _refuse_unfinished(path: Path, epochs: Any) -> None:
+    """A vae.pt whose `idaa vae train` stopped before the epochs its config.yaml names (no resume exists)."""
+    try:
+        asked = yaml.safe_load((path.parent / "config.yaml").read_text()).get("epochs")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # a vae.pt copied out of its run folder: nothing to compare with
+    if isinstance(epochs, int) and isinstance(asked, int) and epochs < asked:
+        raise IdaaError(f"VAE '{path}' holds epoch {epochs} of the {asked} its training asked for (it stopped "
+                        "early); train it again, or copy vae.pt out of its folder to use it as it is")
 
 
 def check_vae_fits(vae: VAE, dataset: str, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
