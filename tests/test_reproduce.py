@@ -123,12 +123,14 @@ def test_reproduce_reports_the_grid_and_redoes_only_the_unfinished_run(tmp_path,
     assert times == sorted(times), "training time carries over the resume"
 
 
-def fake_run(run: Path, epochs: int, seconds_per_epoch: float, knn: list[float], load: float = 1.0) -> None:
+def fake_run(run: Path, epochs: int, seconds_per_epoch: float, knn: list[float], load: float = 1.0,
+             machine: str | None = None) -> None:
     """A finished run as metrics.jsonl and last.ckpt leave it (what resolution and the report read)."""
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(b"not read")
     lines = [json.dumps({"epoch": e, "step": e, "time": 1.5 * e * seconds_per_epoch, "knn_top1": knn[e - 1],
-                         "train_time": e * seconds_per_epoch * load, "monitor_time": 0.5 * e * load})
+                         "train_time": e * seconds_per_epoch * load, "monitor_time": 0.5 * e * load,
+                         **({"machine": machine} if machine else {})})
              for e in range(1, epochs + 1)]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -475,3 +477,48 @@ variants:
     assert f"- `{vae_dir / 'vae.pt'}` trained in 3 s; used by idaa." in markdown
     with pytest.raises(IdaaError, match="plus_vae_time must be true or false, and goes with match_time_of"):
         read_protocol(protocol_file(tmp_path, text.replace("none: {}", "none: {plus_vae_time: true}")))
+
+
+def test_the_vaes_seconds_count_at_the_kNN_speed_of_the_reference_seeds_timed_beside_it(tmp_path, tiny_vae):
+    from idaa.nets import save_vae
+
+    vae_dir = tmp_path / "vae-run"
+    vae_dir.mkdir()
+    save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
+    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b"}) + "\n")
+    text = BASE + f"""seeds: [0, 1]
+match_by: knn-units
+variants:
+  none: {{}}
+  idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
+  none-time-vae-idaa: {{match_time_of: idaa, plus_vae_time: true}}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    runs = protocol.out / "runs"
+    fake_run(runs / "none-s0", 2, 1.0, [40.0, 50.0], machine="a")  # 0.5 s per kNN evaluation on machine a
+    fake_run(runs / "none-s1", 2, 1.0, [40.0, 50.0], load=3.0, machine="b")  # 1.5 s on the VAE's machine b
+    for seed in (0, 1):
+        fake_run(runs / f"idaa-s{seed}", 2, 2.0, [45.0, 55.0])
+    _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+    found = read_resolved(protocol)["none-time-vae-idaa"]
+    # idaa: 8 units; the VAE's 6 s at machine b's 1.5 s per evaluation are 4 more (at both seeds' mean, 1 s: 6)
+    assert (found["vae_knn_units"], found["vae_units_from"], found["epochs"]) == (4.0, ["none-s1"], 6)
+    markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+    assert "- `none-time-vae-idaa` counted its VAE's 6 s as 4.0 kNN evaluations at the speed of those of none-s1, " \
+           "timed on the VAE's machine." in markdown
+    # any run whose monitor does the same work counts, IDAA's too: idaa-s0 on machine b at 1 s per evaluation
+    shutil.rmtree(runs / "idaa-s0")
+    fake_run(runs / "idaa-s0", 2, 2.0, [45.0, 55.0], load=2.0, machine="b")
+    (protocol.out / "resolved.json").unlink()
+    _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+    found = read_resolved(protocol)["none-time-vae-idaa"]
+    assert (found["vae_knn_units"], found["vae_units_from"]) == (6 / 1.25, ["idaa-s0", "none-s1"])
+    for name in ("none-s1", "idaa-s0"):  # nothing timed beside the VAE: the reference's mean speed, 1 s
+        (runs / name / "metrics.jsonl").write_text(
+            (runs / name / "metrics.jsonl").read_text().replace('"machine": "b"', '"machine": "c"'))
+    (protocol.out / "resolved.json").unlink()
+    _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+    found = read_resolved(protocol)["none-time-vae-idaa"]
+    assert (found["vae_knn_units"], found["vae_units_from"], found["epochs"]) == (6.0, [], 7)
+    markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+    assert "at the speed of the mean of none's (no run was timed on the VAE's machine)." in markdown

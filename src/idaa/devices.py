@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import socket
 import sys
 
 import torch
@@ -23,6 +24,16 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IdaaError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+@functools.cache
+def machine_id() -> str:
+    """This machine since its last boot (Linux's boot id, else the host name): which runs were timed side by side."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc mallopt parameters (malloc.h)

@@ -36,6 +36,7 @@ class RunResult:
     curve_seconds: list[float] = field(default_factory=list)
     curve_knn: list[float] = field(default_factory=list)
     linear_top1: float | None = None
+    machine: str | None = None  # the machine (since its boot) its clocks ran on, when its metrics say
 
     @property
     def monitor_units(self) -> float | None:
@@ -67,6 +68,7 @@ def read_run(run: Path, epochs: int | None) -> RunResult:
     result.train_time = float(last[result.timed_by])
     result.monitor_time = float(last["monitor_time"]) if "monitor_time" in last else None
     result.wall_time = float(last["wall_time"]) if "wall_time" in last else None
+    result.machine = last.get("machine")
     return result
 
 

@@ -181,10 +181,17 @@ def vae_lines(r: Report) -> list[str]:
     for path in sorted({run.config["vae"] for run in r.runs if run.config and run.config.get("vae")}):
         users = sorted({run.variant for run in r.runs if run.config and run.config.get("vae") == path})
         try:
-            seconds = f"{vae_training_seconds([run for run in r.runs if run.variant in users]):.0f} s"
+            seconds = f"{vae_training_seconds([run for run in r.runs if run.variant in users])[0]:.0f} s"
         except IdaaError:
             seconds = "an unknown time (its metrics.jsonl is not beside it)"
         lines.append(f"- `{path}` trained in {seconds}; used by {', '.join(users)}.")
+    for name, found in read_resolved(r.protocol).items():
+        if name in r.protocol.variants and "vae_knn_units" in found:
+            beside = found.get("vae_units_from")
+            speed = f"those of {', '.join(beside)}, timed on the VAE's machine" if beside else \
+                f"the mean of {found['rate_from']}'s (no run was timed on the VAE's machine)"
+            lines.append(f"- `{name}` counted its VAE's {found['vae_train_time']:.0f} s as "
+                         f"{found['vae_knn_units']:.1f} kNN evaluations at the speed of {speed}.")
     return lines
 
 

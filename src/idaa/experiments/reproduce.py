@@ -244,8 +244,8 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
     resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
                 "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
                 "seeds": protocol.match_seeds, "match_by": protocol.match_by}
-    vae_seconds = vae_training_seconds([r for r in runs if r.variant == variant.match_time_of]) \
-        if variant.plus_vae_time else 0.0
+    vae_seconds, vae_machine = vae_training_seconds([r for r in runs if r.variant == variant.match_time_of]) \
+        if variant.plus_vae_time else (0.0, None)
     if vae_seconds:
         resolved |= {"vae_train_time": vae_seconds, "target_train_time": target + vae_seconds,
                      "epochs": max(1, round((target + vae_seconds) / rate))}
@@ -255,16 +255,41 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
         if None in units or not rates:
             raise IdaaError(f"match_by: knn-units needs the kNN monitor's timings in every run of "
                             f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
-        # the VAE has no kNN monitor: its seconds count at the reference runs' seconds per kNN evaluation
-        per_eval = statistics.fmean(r.monitor_time / len(r.curve_knn) for r in results[variant.rate_from].values())
-        target_units, rate_units = statistics.fmean(units) + vae_seconds / per_eval, statistics.fmean(rates)
+        target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
+        if vae_seconds:
+            vae_units, beside = vae_knn_units(vae_seconds, vae_machine, variant.rate_from, runs)
+            target_units += vae_units
+            resolved |= {"vae_knn_units": vae_units, "vae_units_from": beside}
         resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
                      "knn_units_per_epoch": rate_units}
     return resolved
 
 
-def vae_training_seconds(runs: list[Run]) -> float:
-    """The training time of the VAE these runs used (the last "time" of the metrics.jsonl beside vae.pt)."""
+KNN_WORK = ("dataset", "data_dir", "limit", "test_fraction", "image_size", "backbone", "width", "knn_k", "device")
+
+
+def vae_knn_units(seconds: float, machine: str | None, reference: str, runs: list[Run]) -> tuple[float, list[str]]:
+    """The VAE's training seconds in kNN evaluations, and the runs whose evaluations set the exchange rate.
+
+    The VAE has no kNN monitor. Its seconds count at the seconds per evaluation of the finished runs timed on the
+    VAE's machine (since its boot), side by side with it, whose monitor does the reference's work (same data
+    and backbone); only when there is none, at the reference's runs on any machine.
+    """
+    like = next(run.config for run in runs if run.variant == reference and run.config)
+    same_work = [run for run in runs if run.config and all(run.config.get(k) == like.get(k) for k in KNN_WORK)]
+    timed = {run.name: read_run(run.source, run.config["epochs"]) for run in same_work}
+    beside = sorted(name for name, r in timed.items()
+                    if machine and r.machine == machine and r.status == "done" and r.monitor_time and r.curve_knn)
+    chosen = [timed[name] for name in beside] or \
+        [timed[run.name] for run in same_work if run.variant == reference]
+    return seconds / statistics.fmean(r.monitor_time / len(r.curve_knn) for r in chosen), beside
+
+
+def vae_training_seconds(runs: list[Run]) -> tuple[float, str | None]:
+    """The seconds and machine of the VAE these runs used (the last record of the metrics.jsonl beside vae.pt).
+
+    The machine is None when its metrics do not name one (an older VAE).
+    """
     paths = {Path(r.config["vae"]) for r in runs if r.config and r.config.get("vae")}
     if len(paths) != 1:
         raise IdaaError(f"plus_vae_time needs one VAE for every matched run, found {len(paths)}")
@@ -272,7 +297,7 @@ def vae_training_seconds(runs: list[Run]) -> float:
     records = read_metrics(metrics) if metrics.is_file() else []
     if not records or "time" not in records[-1]:
         raise IdaaError(f"plus_vae_time: '{metrics}' does not say how long the VAE trained")
-    return float(records[-1]["time"])
+    return float(records[-1]["time"]), records[-1].get("machine")
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:

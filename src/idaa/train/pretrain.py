@@ -24,7 +24,7 @@ from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
 from idaa.analysis.embed import map_after_training
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data import Source, ViewPolicy, build_view_policy, make_feed, open_dataset, stopped_by_bad_image
-from idaa.devices import tune_cpu_allocator
+from idaa.devices import machine_id, tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.fileio import file_digest
 from idaa.methods import Method
@@ -346,6 +346,7 @@ def _epoch_record(cfg: PretrainConfig, run: _Run, state: RunState, progress: Epo
         if dist.is_main():
             bar.write(f"epoch {progress.epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
     record.update(state.clock)
+    record["machine"] = machine_id()  # the clocks' machine: `idaa reproduce` converts a VAE's seconds beside it
     return record
 
 
