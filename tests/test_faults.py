@@ -402,7 +402,10 @@ def test_a_vae_still_being_trained_or_stopped_early_is_refused_by_training_comma
     assert code == 2 and one_line(err), err
     assert f"VAE '{vae_dir / 'vae.pt'}' holds epoch 1 of the 3 its training asked for (it stopped early)" in err
     assert not (tmp_path / "early").exists()
-    shutil.copy(vae_dir / "vae.pt", tmp_path / "kept.pt")  # copied out of its folder, it is taken as it is
-    code, _, err = run(["pretrain", *TINY, "--adversary", "idaa", "--vae", tmp_path / "kept.pt", "--out",
+    kept = tmp_path / "elsewhere"  # copied out of its folder (here beside another command's config), taken as is
+    kept.mkdir()
+    (kept / "config.yaml").write_text("command: pretrain\nepochs: 3\n")
+    shutil.copy(vae_dir / "vae.pt", kept / "vae.pt")
+    code, _, err = run(["pretrain", *TINY, "--adversary", "idaa", "--vae", kept / "vae.pt", "--out",
                         tmp_path / "early"], capsys)
     assert code == 0, err

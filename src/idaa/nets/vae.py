@@ -182,9 +182,12 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu", *, to_t
 def _refuse_unfinished(path: Path, epochs: Any) -> None:
     """A vae.pt whose `idaa vae train` stopped before the epochs its config.yaml names (no resume exists)."""
     try:
-        asked = yaml.safe_load((path.parent / "config.yaml").read_text()).get("epochs")
-    except (OSError, yaml.YAMLError, AttributeError):
+        config = yaml.safe_load((path.parent / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
         return  # a vae.pt copied out of its run folder: nothing to compare with
+    if not isinstance(config, dict) or config.get("command") != "vae train":
+        return  # a folder some other command wrote
+    asked = config.get("epochs")
     if isinstance(epochs, int) and isinstance(asked, int) and epochs < asked:
         raise IdaaError(f"VAE '{path}' holds epoch {epochs} of the {asked} its training asked for (it stopped "
                         "early); train it again, or copy vae.pt out of its folder to use it as it is")
