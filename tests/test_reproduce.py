@@ -16,7 +16,7 @@ from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.cli import main
 from idaa.errors import IdaaError
 from idaa.experiments import reproduce
-from idaa.experiments.measure import RunResult, compare, time_fractions
+from idaa.experiments.measure import RunResult, compare, read_run, time_fractions
 from idaa.experiments.protocol import read_protocol
 from idaa.experiments.report import END, START, collect, readme_section, report_markdown, write_readme_section
 from idaa.experiments.reproduce import _resolve_stage, plan, read_resolved
@@ -522,3 +522,29 @@ variants:
     assert (found["vae_knn_units"], found["vae_units_from"], found["epochs"]) == (6.0, [], 7)
     markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
     assert "at the speed of the mean of none's (no run was timed on the VAE's machine)." in markdown
+
+
+def test_the_report_names_the_runs_trained_beside_other_work(tmp_path):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    for seed, loads in ((0, [0.9, 1.1]), (1, [1.0, 2.0])):  # seed 1 shared its CPUs half the time
+        run_dir = protocol.out / "runs" / f"none-s{seed}"
+        fake_run(run_dir, 2, 1.0, [40.0, 50.0])
+        records = [{**json.loads(line), "load": load}
+                   for line, load in zip((run_dir / "metrics.jsonl").read_text().splitlines(), loads, strict=True)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+    assert "above 1.25), so their costs, in kNN units too, are bent upward: none-s1 (1.50)." in markdown
+    assert "none-s0" not in markdown.split("bent upward")[1].split("\n")[0]
+
+
+def test_a_pretrain_record_names_its_machine_and_its_load(tmp_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "digits", "--limit", "64", "--width", "4", "--batch-size", "32",
+                 "--epochs", "1", "--knn-every", "0", "--no-progress", "--out", str(out)]) == 0
+    record = read_metrics(out / "metrics.jsonl")[-1]
+    assert record["machine"] and record["machine"] == read_run(out, 1).machine
+    assert isinstance(record["load"], float) and record["load"] >= 0

@@ -36,6 +36,14 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
+def machine_load() -> float | None:
+    """The 1-minute load average over the CPUs this process may use (above 1: more runnable work than cores)."""
+    try:
+        return os.getloadavg()[0] / max(len(os.sched_getaffinity(0)), 1)
+    except (OSError, AttributeError):  # no load average on this platform
+        return None
+
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc mallopt parameters (malloc.h)
 _allocator_tuned: bool | None = None
 

@@ -100,6 +100,19 @@ def runs_table(r: Report) -> list[str]:
     return lines
 
 
+BUSY_LOAD = 1.25  # mean 1-minute load per CPU above which a run shared its CPUs with other work
+
+
+def busy_runs(r: Report) -> list[str]:
+    """A line naming the runs trained while other work shared their CPUs (empty when there is none)."""
+    busy = [f"{variant}-s{seed} ({result.load:.2f})" for variant, seeds in r.table.items()
+            for seed, result in sorted(seeds.items()) if result.load is not None and result.load > BUSY_LOAD]
+    if not busy:
+        return []
+    return ["", f"Trained while other work shared the CPUs (mean 1-minute load per CPU above {BUSY_LOAD}), so "
+                f"their costs, in kNN units too, are bent upward: {', '.join(busy)}."]
+
+
 def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = False,
                      key: str = "knn_top1") -> list[str]:
     extra = " training time (s): first / second |" if timed else ""
@@ -206,8 +219,9 @@ def report_markdown(r: Report) -> str:
              f"so monitoring never favours a variant. kNN: final epoch, never the best one. {RULE}", ""]
     parts += _section("Runs", "Mean ± std over the finished seeds; each run's command is listed at the end. The "
                       "last column counts each run's training time in seconds of its own kNN evaluations (the same "
-                      "work in every run), so the load of a shared machine cancels out of it: it is the cost a "
-                      "quiet machine would show, and it checks that a compute-matched run matched.", runs_table(r))
+                      "work in every run), so a steady load on a shared machine cancels out of it (a job that comes "
+                      "and goes beside a run does not) and it checks that a compute-matched run matched.",
+                      runs_table(r) + busy_runs(r))
     if vae_lines(r):
         parts += ["The VAE's own training (a matched baseline with `plus_vae_time` counts it in its budget):", "",
                   *vae_lines(r), ""]

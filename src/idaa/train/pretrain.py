@@ -24,7 +24,7 @@ from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
 from idaa.analysis.embed import map_after_training
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data import Source, ViewPolicy, build_view_policy, make_feed, open_dataset, stopped_by_bad_image
-from idaa.devices import machine_id, tune_cpu_allocator
+from idaa.devices import machine_id, machine_load, tune_cpu_allocator
 from idaa.errors import IdaaError
 from idaa.fileio import file_digest
 from idaa.methods import Method
@@ -346,7 +346,9 @@ def _epoch_record(cfg: PretrainConfig, run: _Run, state: RunState, progress: Epo
         if dist.is_main():
             bar.write(f"epoch {progress.epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
     record.update(state.clock)
-    record["machine"] = machine_id()  # the clocks' machine: `idaa reproduce` converts a VAE's seconds beside it
+    # the clocks' machine and how busy it was: `idaa reproduce` converts a VAE's seconds beside it, and flags a
+    # run that shared the CPUs with other work (its costs, even in kNN units, are then bent)
+    record |= {"machine": machine_id(), "load": machine_load()}
     return record
 
 
