@@ -485,7 +485,8 @@ def test_the_vaes_seconds_count_at_the_kNN_speed_of_the_reference_seeds_timed_be
     vae_dir = tmp_path / "vae-run"
     vae_dir.mkdir()
     save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
-    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b"}) + "\n")
+    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b",
+                                                       "load": 1.9}) + "\n")
     text = BASE + f"""seeds: [0, 1]
 match_by: knn-units
 variants:
@@ -506,6 +507,7 @@ variants:
     markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
     assert "- `none-time-vae-idaa` counted its VAE's 6 s as 4.0 kNN evaluations at the speed of those of none-s1, " \
            "timed on the VAE's machine." in markdown
+    assert "trained in 6 s while other work shared its CPUs (mean load per CPU 1.90); used by idaa." in markdown
     # any run whose monitor does the same work counts, IDAA's too: idaa-s0 on machine b at 1 s per evaluation
     shutil.rmtree(runs / "idaa-s0")
     fake_run(runs / "idaa-s0", 2, 2.0, [45.0, 55.0], load=2.0, machine="b")

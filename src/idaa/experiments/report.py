@@ -23,7 +23,7 @@ from idaa.experiments.reproduce import (
     linear_result,
     read_resolved,
     results_by_variant,
-    vae_training_seconds,
+    vae_timing,
 )
 from idaa.fileio import atomic_write_text, copy_into
 from idaa.train.config import resolve_config
@@ -185,7 +185,7 @@ def _section(title: str, text: str, rows: list[str]) -> list[str]:
 
 
 MATCHED_IN_UNITS = (", both counted in their runs' own kNN evaluations (`match_by: knn-units`), which machine "
-                    "load cannot bend")
+                    "load cannot bend while it is steady")
 
 
 def vae_lines(r: Report) -> list[str]:
@@ -194,7 +194,10 @@ def vae_lines(r: Report) -> list[str]:
     for path in sorted({run.config["vae"] for run in r.runs if run.config and run.config.get("vae")}):
         users = sorted({run.variant for run in r.runs if run.config and run.config.get("vae") == path})
         try:
-            seconds = f"{vae_training_seconds([run for run in r.runs if run.variant in users])[0]:.0f} s"
+            timing = vae_timing([run for run in r.runs if run.variant in users])
+            seconds = f"{timing.seconds:.0f} s"
+            if timing.load is not None and timing.load > BUSY_LOAD:
+                seconds += f" while other work shared its CPUs (mean load per CPU {timing.load:.2f})"
         except IdaaError:
             seconds = "an unknown time (its metrics.jsonl is not beside it)"
         lines.append(f"- `{path}` trained in {seconds}; used by {', '.join(users)}.")

@@ -244,8 +244,8 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
     resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
                 "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
                 "seeds": protocol.match_seeds, "match_by": protocol.match_by}
-    vae_seconds, vae_machine = vae_training_seconds([r for r in runs if r.variant == variant.match_time_of]) \
-        if variant.plus_vae_time else (0.0, None)
+    vae = vae_timing([r for r in runs if r.variant == variant.match_time_of]) if variant.plus_vae_time else None
+    vae_seconds = vae.seconds if vae else 0.0
     if vae_seconds:
         resolved |= {"vae_train_time": vae_seconds, "target_train_time": target + vae_seconds,
                      "epochs": max(1, round((target + vae_seconds) / rate))}
@@ -257,7 +257,7 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run]) -> dict[str, 
                             f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
         target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
         if vae_seconds:
-            vae_units, beside = vae_knn_units(vae_seconds, vae_machine, variant.rate_from, runs)
+            vae_units, beside = vae_knn_units(vae_seconds, vae.machine, variant.rate_from, runs)
             target_units += vae_units
             resolved |= {"vae_knn_units": vae_units, "vae_units_from": beside}
         resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
@@ -285,11 +285,17 @@ def vae_knn_units(seconds: float, machine: str | None, reference: str, runs: lis
     return seconds / statistics.fmean(r.monitor_time / len(r.curve_knn) for r in chosen), beside
 
 
-def vae_training_seconds(runs: list[Run]) -> tuple[float, str | None]:
-    """The seconds and machine of the VAE these runs used (the last record of the metrics.jsonl beside vae.pt).
+@dataclass
+class VAETiming:
+    """How long the VAE these runs used trained, on which machine and how busy it was (its metrics.jsonl)."""
 
-    The machine is None when its metrics do not name one (an older VAE).
-    """
+    seconds: float
+    machine: str | None  # None for a VAE whose metrics do not say (trained by an older version)
+    load: float | None  # mean 1-minute load per CPU at its epochs' ends
+
+
+def vae_timing(runs: list[Run]) -> VAETiming:
+    """The timing of the VAE these runs used (the metrics.jsonl beside vae.pt)."""
     paths = {Path(r.config["vae"]) for r in runs if r.config and r.config.get("vae")}
     if len(paths) != 1:
         raise IdaaError(f"plus_vae_time needs one VAE for every matched run, found {len(paths)}")
@@ -297,7 +303,9 @@ def vae_training_seconds(runs: list[Run]) -> tuple[float, str | None]:
     records = read_metrics(metrics) if metrics.is_file() else []
     if not records or "time" not in records[-1]:
         raise IdaaError(f"plus_vae_time: '{metrics}' does not say how long the VAE trained")
-    return float(records[-1]["time"]), records[-1].get("machine")
+    loads = [r["load"] for r in records if isinstance(r.get("load"), int | float)]
+    return VAETiming(float(records[-1]["time"]), records[-1].get("machine"),
+                     statistics.fmean(loads) if loads else None)
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
