@@ -24,7 +24,8 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("protocol", help="protocol file, e.g. configs/reproduce/cpu-protocol-cifar10.yaml")
     r.add_argument("--data-dir", default=None, help="dataset folder (overrides the protocol's)")
     r.add_argument("--vae", default=None, help="vae.pt for the VAE-based variants (overrides the protocol's)")
-    r.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the protocol's)")
+    r.add_argument("--seeds", default=None, help="comma-separated seeds to train now, e.g. 0,1,2 (default: the "
+                   "protocol's); a matched variant is still measured over all the protocol's seeds")
     r.add_argument("--variants", default=None, help="comma-separated variant names (their dependencies come along)")
     r.add_argument("--out", default=None, help="report folder (default: the protocol's out)")
     r.add_argument("--max-steps", type=int, default=None,
