@@ -21,7 +21,7 @@ from idaa.tracking import Trackers
 
 TINY = ["--dataset", "digits", "--width", "4", "--batch-size", "32", "--limit", "64", "--epochs", "2",
         "--knn-every", "0", "--no-progress"]  # 2 steps an epoch, 4 in all; checkpoints at steps 2 and 4
-TIMING = {"images_per_s", "epoch_time", "time", "train_time", "monitor_time"}
+TIMING = {"images_per_s", "epoch_time", "time", "train_time", "monitor_time", "load"}  # the clocks and the load
 
 HOLDER = """
 import os, sys, time
