@@ -86,7 +86,7 @@ class RunLock:
 
     def refusal(self) -> str:
         """'run folder RUN is in use by pid 1234 on host h since 10:02; wait for it or stop it'."""
-        return f"run folder {self.folder} is in use by {_holder_text(self.path)}; wait for it or stop it"
+        return f"run folder {self.folder} is in use by {_holder_text(read_holder(self.path))}; wait for it or stop it"
 
     def __enter__(self) -> RunLock:
         return self
@@ -106,7 +106,7 @@ def writer_of(folder: str | Path) -> str | None:
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             holder = read_holder(Path(folder) / LOCK_FILE)
-            return None if holder.get("pid") == os.getpid() else _holder_text(Path(folder) / LOCK_FILE)
+            return None if holder.get("pid") == os.getpid() else _holder_text(holder)
         return None  # a filesystem without locks: nothing to tell
     finally:
         os.close(fd)  # closing drops the probe's lock
@@ -144,9 +144,8 @@ def eval_lock(folder: str | Path) -> Iterator[None]:
             os.close(fd)  # closing drops the lock
 
 
-def _holder_text(path: Path) -> str:
-    """'pid 1234 on host h since 10:02' from a lock file, or 'another process' when it names nobody."""
-    holder = read_holder(path)
+def _holder_text(holder: dict[str, Any]) -> str:
+    """'pid 1234 on host h since 10:02' from a lock file's holder, or 'another process' when it names nobody."""
     if "pid" not in holder:
         return "another process"
     who = f"pid {holder['pid']} on host {holder.get('host', '?')}"

@@ -70,9 +70,14 @@ def read_run(run: Path, epochs: int | None) -> RunResult:
     result.monitor_time = float(last["monitor_time"]) if "monitor_time" in last else None
     result.wall_time = float(last["wall_time"]) if "wall_time" in last else None
     result.machine = last.get("machine")
-    loads = [r["load"] for r in records if isinstance(r.get("load"), int | float)]
-    result.load = statistics.fmean(loads) if loads else None
+    result.load = mean_load(records)
     return result
+
+
+def mean_load(records: list[dict[str, Any]]) -> float | None:
+    """The mean of the records' `load` (1-minute load per CPU at each epoch's end), None when none says."""
+    loads = [r["load"] for r in records if isinstance(r.get("load"), int | float)]
+    return statistics.fmean(loads) if loads else None
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

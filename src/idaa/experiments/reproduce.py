@@ -25,7 +25,7 @@ from typing import Any
 from idaa.adversaries import VAE_ADVERSARIES
 from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.errors import IdaaError
-from idaa.experiments.measure import RunResult, read_run
+from idaa.experiments.measure import RunResult, mean_load, read_run
 from idaa.experiments.protocol import Protocol, Variant, stages
 from idaa.experiments.runner import (
     VAE_INHERITED,
@@ -303,9 +303,7 @@ def vae_timing(runs: list[Run]) -> VAETiming:
     records = read_metrics(metrics) if metrics.is_file() else []
     if not records or "time" not in records[-1]:
         raise IdaaError(f"plus_vae_time: '{metrics}' does not say how long the VAE trained")
-    loads = [r["load"] for r in records if isinstance(r.get("load"), int | float)]
-    return VAETiming(float(records[-1]["time"]), records[-1].get("machine"),
-                     statistics.fmean(loads) if loads else None)
+    return VAETiming(float(records[-1]["time"]), records[-1].get("machine"), mean_load(records))
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
