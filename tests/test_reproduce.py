@@ -550,3 +550,24 @@ def test_a_pretrain_record_names_its_machine_and_its_load(tmp_path):
     record = read_metrics(out / "metrics.jsonl")[-1]
     assert record["machine"] and record["machine"] == read_run(out, 1).machine
     assert isinstance(record["load"], float) and record["load"] >= 0
+
+
+def test_the_report_names_the_kinds_of_hardware_when_the_runs_span_more_than_one(tmp_path):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+"""
+
+    def timed_on(kinds, out):
+        protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / out))
+        for seed, kind in enumerate(kinds):
+            run_dir = protocol.out / "runs" / f"none-s{seed}"
+            fake_run(run_dir, 2, 1.0, [40.0, 50.0])
+            records = [{**json.loads(line), "hardware": kind} for line in
+                       (run_dir / "metrics.jsonl").read_text().splitlines()]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+
+    assert "more than one kind of hardware" not in timed_on(["EPYC (AVX512, native bf16)"] * 2, "one")
+    markdown = timed_on(["EPYC (AVX512, native bf16)", "EPYC (AVX2)"], "two")
+    assert "compare costs within one kind: EPYC (AVX512, native bf16): none-s0; EPYC (AVX2): none-s1." in markdown

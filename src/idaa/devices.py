@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import socket
 import sys
 
@@ -34,6 +35,29 @@ def machine_id() -> str:
             return handle.read().strip()
     except OSError:
         return socket.gethostname()
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 runs natively on this device (CUDA, or a CPU with AVX512-BF16 or AMX); elsewhere it is emulated."""
+    if device_type == "cuda":
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+@functools.cache
+def hardware(device_type: str) -> str:
+    """What a run's clocks ran on ('AMD EPYC (AVX2)', 'NVIDIA H200'): costs compare only on one kind of hardware."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    bf16 = ", native bf16" if native_bf16("cpu") else ""
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}{bf16})"
 
 
 def machine_load() -> float | None:

@@ -37,6 +37,7 @@ class RunResult:
     curve_knn: list[float] = field(default_factory=list)
     linear_top1: float | None = None
     machine: str | None = None  # the machine (since its boot) its clocks ran on, when its metrics say
+    hardware: str | None = None  # the kind of hardware (CPU model and vector units, or GPU) it ran on
     load: float | None = None  # mean 1-minute load average per CPU at its epochs' ends, when its metrics say
 
     @property
@@ -70,6 +71,7 @@ def read_run(run: Path, epochs: int | None) -> RunResult:
     result.monitor_time = float(last["monitor_time"]) if "monitor_time" in last else None
     result.wall_time = float(last["wall_time"]) if "wall_time" in last else None
     result.machine = last.get("machine")
+    result.hardware = last.get("hardware")
     result.load = mean_load(records)
     return result
 

@@ -113,6 +113,21 @@ def busy_runs(r: Report) -> list[str]:
                 f"their costs, in kNN units too, are bent upward: {', '.join(busy)}."]
 
 
+def hardware_kinds(r: Report) -> list[str]:
+    """A line naming the kinds of hardware the finished runs were timed on, when there is more than one."""
+    kinds: dict[str, list[str]] = {}
+    for variant, seeds in r.table.items():
+        for seed, result in sorted(seeds.items()):
+            if result.status == "done":
+                kinds.setdefault(result.hardware or "not recorded", []).append(f"{variant}-s{seed}")
+    if len(kinds) < 2:
+        return []
+    listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items())
+    return ["", "Timed on more than one kind of hardware. The load-free measure cancels a machine's speed, not a "
+                "mix of work that runs faster on one kind than on another (a bf16 VAE is native on CPUs with "
+                f"AVX512-BF16 and emulated on the others), so compare costs within one kind: {listed}."]
+
+
 def comparison_table(r: Report, pairs: list[tuple[str, str]], timed: bool = False,
                      key: str = "knn_top1") -> list[str]:
     extra = " training time (s): first / second |" if timed else ""
@@ -224,7 +239,7 @@ def report_markdown(r: Report) -> str:
                       "last column counts each run's training time in seconds of its own kNN evaluations (the same "
                       "work in every run), so a steady load on a shared machine cancels out of it (a job that comes "
                       "and goes beside a run does not) and it checks that a compute-matched run matched.",
-                      runs_table(r) + busy_runs(r))
+                      runs_table(r) + busy_runs(r) + hardware_kinds(r))
     if vae_lines(r):
         parts += ["The VAE's own training (a matched baseline with `plus_vae_time` counts it in its budget):", "",
                   *vae_lines(r), ""]

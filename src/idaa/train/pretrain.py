@@ -24,8 +24,8 @@ from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
 from idaa.analysis.embed import map_after_training
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data import Source, ViewPolicy, build_view_policy, make_feed, open_dataset, stopped_by_bad_image
-from idaa.devices import machine_id, machine_load, tune_cpu_allocator
-from idaa.errors import IdaaError
+from idaa.devices import hardware, machine_id, machine_load, native_bf16, tune_cpu_allocator
+from idaa.errors import IdaaError, warn
 from idaa.fileio import file_digest
 from idaa.methods import Method
 from idaa.nets.vae import check_vae_fits, load_vae
@@ -213,6 +213,10 @@ def _build_adversary(cfg: PretrainConfig, train: Source, views: ViewPolicy,
         if cfg.vae is None:
             raise IdaaError(f"adversary '{cfg.adversary}' needs --vae VAE.pt (make one with 'idaa vae train')")
         vae = load_vae(cfg.vae, map_location=device, to_train_with=True).set_precision(cfg.vae_precision)
+        if cfg.vae_precision == "bf16" and not native_bf16(device.type):
+            warn(f"--vae-precision bf16 on {hardware(device.type)}: this CPU has no native bf16 (AVX512-BF16 or "
+                 "AMX), so the VAE's passes are emulated, far slower than fp32 (about 20x on an AVX2 EPYC, "
+                 "docs/results.md); use --vae-precision fp32 here")
         check_vae_fits(vae, train.name, train.image_size, train.mean, train.std)
         vae_ref = {"path": str(cfg.vae), "sha256": file_digest(cfg.vae)}
     adversary = build_adversary(cfg.adversary, vae=vae, eps=cfg.eps, steps=cfg.attack_steps,
@@ -346,9 +350,9 @@ def _epoch_record(cfg: PretrainConfig, run: _Run, state: RunState, progress: Epo
         if dist.is_main():
             bar.write(f"epoch {progress.epoch}: loss {loss:.4f}  kNN top-1 {record['knn_top1']:.2f}%")
     record.update(state.clock)
-    # the clocks' machine and how busy it was: `idaa reproduce` converts a VAE's seconds beside it, and flags a
-    # run that shared the CPUs with other work (its costs, even in kNN units, are then bent)
-    record |= {"machine": machine_id(), "load": machine_load()}
+    # the clocks' machine, its kind and how busy it was: `idaa reproduce` converts a VAE's seconds beside it, and
+    # flags runs timed on other hardware or that shared the CPUs with other work (their costs are then bent)
+    record |= {"machine": machine_id(), "hardware": hardware(progress.sums.device.type), "load": machine_load()}
     return record
 
 
