@@ -571,3 +571,23 @@ variants:
     assert "more than one kind of hardware" not in timed_on(["EPYC (AVX512, native bf16)"] * 2, "one")
     markdown = timed_on(["EPYC (AVX512, native bf16)", "EPYC (AVX2)"], "two")
     assert "compare costs within one kind: EPYC (AVX512, native bf16): none-s0; EPYC (AVX2): none-s1." in markdown
+
+
+def test_a_bf16_vae_variant_is_not_trained_on_a_cpu_that_emulates_bf16(tmp_path, capsys, monkeypatch, tiny_vae):
+    from idaa.nets import save_vae
+
+    vae = tmp_path / "vae.pt"
+    save_vae(tiny_vae, vae, {"dataset": "digits"})
+    grid = protocol_file(tmp_path, BASE + f"""seeds: [0]
+variants:
+  idaa-bf16: {{adversary: idaa, vae: {vae}, vae_precision: bf16}}
+""")
+    out = tmp_path / "rep"
+    monkeypatch.setattr(reproduce, "native_bf16", lambda device_type: False)
+    code, _, err = run(["reproduce", grid, "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "idaa-bf16-s0 runs its VAE in bf16, which" in err and "vae_precision: fp32" in err
+    monkeypatch.setattr(reproduce, "run_child", lambda command, name, what: None)  # trains nothing
+    monkeypatch.setattr(reproduce, "native_bf16", lambda device_type: True)
+    code, _, err = run(["reproduce", grid, "--out", str(out)], capsys)
+    assert "runs its VAE in bf16" not in err

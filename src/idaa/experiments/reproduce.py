@@ -24,6 +24,7 @@ from typing import Any
 
 from idaa.adversaries import VAE_ADVERSARIES
 from idaa.analysis.time_to_accuracy import read_metrics
+from idaa.devices import hardware, native_bf16, resolve_device
 from idaa.errors import IdaaError
 from idaa.experiments.measure import RunResult, mean_load, read_run
 from idaa.experiments.protocol import Protocol, Variant, stages
@@ -393,10 +394,26 @@ def status_lines(protocol: Protocol, runs: list[Run]) -> list[str]:
     return lines + [f"  {run.name}: {state}" for run, state in zip(runs, states, strict=True)]
 
 
+def refuse_emulated_bf16(runs: list[Run]) -> None:
+    """No bf16 VAE trained on a CPU that emulates bf16: ~20x slower there, so its costs would not compare."""
+    if native_bf16("cpu"):
+        return
+    emulated = [r.name for r in runs if r.config is not None and r.config.get("vae_precision") == "bf16"
+                and resolve_device(r.config.get("device") or "auto").type == "cpu" and not r.recorded
+                and run_status(r.path, r.config, "the protocol") != "done"]
+    if emulated:
+        others = f" (and {len(emulated) - 1} more)" if len(emulated) > 1 else ""
+        raise IdaaError(f"{emulated[0]}{others} runs its VAE in bf16, which {hardware('cpu')} emulates, about 20x "
+                        "slower than fp32, so its costs would not compare with runs timed where bf16 is native: "
+                        "train it on a CPU with AVX512-BF16 or AMX or on a GPU, or set vae_precision: fp32")
+
+
 def run_reproduce(protocol: Protocol, progress: bool = True, echo: Any = print,
                   write: Any = None) -> list[Run]:
     """Train what is missing, stage by stage and run by run, each probed as it finishes; `write(runs)` reports."""
     runs = plan(protocol)  # every config is checked before anything is written
+    if protocol.overrides.get("max_steps") is None:  # a smoke run's costs are not compared
+        refuse_emulated_bf16(runs)
     try:
         protocol.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
