@@ -101,10 +101,10 @@ def test_csv_logger_mirrors_metrics_jsonl(tmp_path, offline_wandb):
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    def same(key, value):  # the csv holds text: the numbers as floats, the machine's id as it is
-        return value if key == "machine" else float(value)
+    def same(key, value):  # the csv holds text: the numbers as floats, the machine's id and kind as they are
+        return value if key in ("machine", "hardware") else float(value)
 
-    assert records[0]["machine"]
+    assert records[0]["machine"] and records[0]["hardware"]
     assert [{k: same(k, v) for k, v in r.items() if v} for r in rows] == \
         [{k: same(k, v) for k, v in r.items() if v is not None} for r in records]
     assert json.loads((out / "trackers.json").read_text()) == {"csv": {"path": "metrics.csv"}}
