@@ -3,6 +3,7 @@ bit-exactly; `idaa data check` names them and `idaa data list` counts the ones i
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,11 @@ def test_data_check_decodes_every_image_of_a_shard_folder(tmp_path: Path, capsys
     assert run(["data", "check", tmp_path / "clean", "--workers", "0", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert f"cannot read shard '{shard}'" in out and "Traceback" not in err
+    # the cut is a shard that stops early, not an image: only the images read before it are counted
+    assert err.startswith(f"idaa: error: 1 shard(s) of '{tmp_path / 'clean'}' cannot be read to the end")
+    undecoded, read = map(int, re.search(r"and (\d+) of the (\d+) images read before", err).groups())
+    assert undecoded == sum(1 for line in out.splitlines() if "cannot read shard" not in line)
+    assert read < 22 and err.count("\n") == 1
 
 
 def test_decode_results_are_reused_by_evaluation_until_a_file_changes(tmp_path: Path,

@@ -72,15 +72,19 @@ def check_folder(layout: str, folder: str, workers: int | None = None, progress:
     if workers is not None and workers < 0:
         raise DataError(f"--workers must be an integer >= 0, got {workers}")
     workers = default_workers() if workers is None else workers
+    broken: dict[str, str] = {}
     if layout == "shards" or is_shard_folder(folder):
-        count, bad = check_shards(folder, workers, progress)
+        count, bad, broken = check_shards(folder, workers, progress)
         what = "images in the shards of"
     else:
         splits = ("train", "test") if has_test_split(layout, folder, None) else ("train",)
         files = list(dict.fromkeys(str(f) for split in splits for f in read_layout(layout, folder, split).files))
         count, bad, what = len(files), find_unreadable(files, workers, reuse=False, progress=progress), "image files in"
-    for path, reason in bad.items():
+    for path, reason in {**bad, **broken}.items():
         print(f"{path}: {reason}")
+    if broken:
+        raise DataError(f"{len(broken)} shard(s) of '{folder}' cannot be read to the end (listed above) and "
+                        f"{len(bad)} of the {count} images read before do not decode; pack the folder again")
     if bad:
         raise DataError(f"{len(bad)} of {count} {what} '{folder}' do not decode (listed above); remove "
                         "or replace them, or train with --bad-images skip, which leaves them out")

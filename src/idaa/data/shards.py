@@ -229,23 +229,26 @@ class ShardSource:
             yield images, labels
 
 
-def check_shards(folder: str | Path, workers: int = 0, progress: bool = False) -> tuple[int, dict[str, str]]:
-    """(images, {shard:sample: reason}) over every split's shards: each image decoded in full, in `workers`
-    processes (one shard each at a time), the way `idaa data check` decodes a folder's files."""
+def check_shards(folder: str | Path, workers: int = 0,
+                 progress: bool = False) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(images, {shard:sample: reason}, {shard: reason}) over every split's shards: each image decoded in full, in
+    `workers` processes (one shard each at a time), the way `idaa data check` decodes a folder's files. The last
+    names the shards that could not be read to their end (a cut or foreign tar): not images, so counted apart."""
     shards = [s for split in ShardSource(folder).packed_splits for s in ShardSource(folder, split).shards]
     loader = torch.utils.data.DataLoader(_ShardCheck(shards), batch_size=None,
                                          num_workers=min(workers, len(shards)))
-    images, bad = 0, {}
+    images, bad, broken = 0, {}, {}
     with tqdm(total=len(shards), desc="check", unit="shard", disable=not progress, dynamic_ncols=True) as bar:
-        for count, reasons in loader:
+        for count, reasons, cut in loader:
             images += count
             bad.update(reasons)
+            broken.update(cut)
             bar.update(1)
-    return images, bad
+    return images, bad, broken
 
 
 class _ShardCheck(torch.utils.data.Dataset):
-    """Shard paths -> (samples, {shard:sample: reason} of those whose image does not decode)."""
+    """Shard paths -> (images, {shard:sample: reason} of those that do not decode, {shard: why it stops early})."""
 
     def __init__(self, shards: list[str]) -> None:
         self.shards = shards
@@ -253,14 +256,17 @@ class _ShardCheck(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, index: int) -> tuple[int, dict[str, str]]:
-        count, bad = 0, {}
+    def __getitem__(self, index: int) -> tuple[int, dict[str, str], dict[str, str]]:
+        count, bad, broken = 0, {}, {}
         for row in _read([self.shards[index]]):
+            if "error" in row:  # _read's stand-in for the unreadable rest of a shard, not a sample
+                broken[row["__url__"]] = row["error"]
+                continue
             name = f"{row.get('__url__')}:{row.get('__key__')}"
             image = next((row[e] for e in _EXTENSIONS if e in row), None)
-            count += "error" not in row
-            if "error" in row or image is None:
-                bad[name] = row.get("error") or "holds no image"
+            count += 1
+            if image is None:
+                bad[name] = "holds no image"
                 continue
             encoded = io.BytesIO(image)
             encoded.name = name
@@ -268,7 +274,7 @@ class _ShardCheck(torch.utils.data.Dataset):
                 read_rgb(encoded)
             except DataError as exc:
                 bad[name] = str(exc).removeprefix(f"cannot read image '{name}': ")
-        return count, bad
+        return count, bad, broken
 
 
 class ShardBatches:
