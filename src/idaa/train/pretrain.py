@@ -213,7 +213,7 @@ def _build_adversary(cfg: PretrainConfig, train: Source, views: ViewPolicy,
         if cfg.vae is None:
             raise IdaaError(f"adversary '{cfg.adversary}' needs --vae VAE.pt (make one with 'idaa vae train')")
         vae = load_vae(cfg.vae, map_location=device, to_train_with=True).set_precision(cfg.vae_precision)
-        if cfg.vae_precision == "bf16" and not native_bf16(device.type):
+        if cfg.vae_precision == "bf16" and not native_bf16(device.type) and dist.is_main():
             warn(f"--vae-precision bf16 on {hardware(device.type)}: this CPU has no native bf16 (AVX512-BF16 or "
                  "AMX), so the VAE's passes are emulated, far slower than fp32 (about 20x on an AVX2 EPYC, "
                  "docs/results.md); use --vae-precision fp32 here")
