@@ -591,3 +591,33 @@ variants:
     monkeypatch.setattr(reproduce, "native_bf16", lambda device_type: True)
     code, _, err = run(["reproduce", grid, "--out", str(out)], capsys)
     assert "runs its VAE in bf16" not in err
+
+
+def test_the_vaes_seconds_convert_beside_any_run_of_the_grid_whatever_variants_are_selected(tmp_path, tiny_vae):
+    from idaa.nets import save_vae
+
+    vae_dir = tmp_path / "vae-run"
+    vae_dir.mkdir()
+    save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
+    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b"}) + "\n")
+    text = BASE + f"""seeds: [0, 1]
+match_by: knn-units
+variants:
+  none: {{}}
+  none-e3: {{epochs: 3}}
+  idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
+  none-time-vae-idaa: {{match_time_of: idaa, plus_vae_time: true}}
+"""
+    path = protocol_file(tmp_path, text)
+    out = str(tmp_path / "rep")
+    runs = Path(out) / "runs"
+    for seed in (0, 1):  # the reference and the IDAA runs on machine a, 0.5 s per kNN evaluation
+        fake_run(runs / f"none-s{seed}", 2, 1.0, [40.0, 50.0], machine="a")
+        fake_run(runs / f"idaa-s{seed}", 2, 2.0, [45.0, 55.0], machine="a")
+    fake_run(runs / "none-e3-s0", 3, 1.0, [40.0, 50.0, 52.0], load=3.0, machine="b")  # beside the VAE: 1.5 s
+    protocol = read_protocol(path, out=out, variants="none-time-vae-idaa", seeds="0")
+    assert "none-e3" not in protocol.variants and "none-e3" in protocol.grid_variants
+    _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+    found = read_resolved(protocol)["none-time-vae-idaa"]
+    # the VAE's 6 s count at none-e3-s0's 1.5 s per evaluation (not the reference's 0.5 s on another machine)
+    assert (found["vae_knn_units"], found["vae_units_from"]) == (4.0, ["none-e3-s0"])

@@ -80,9 +80,13 @@ class Protocol:
     # the file's seeds: a compute-matched or best-of variant is measured over all of them, whatever --seeds
     # trains now, so training seed by seed matches the same budget as training every seed at once
     match_seeds: list[int] = field(default_factory=list)
+    # the file's variants, whatever --variants selects: a VAE's seconds convert at the speed of any of the grid's
+    # runs timed beside it
+    grid_variants: dict[str, Variant] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.match_seeds = self.match_seeds or list(self.seeds)
+        self.grid_variants = self.grid_variants or dict(self.variants)
 
 
 def _names(value: Any, what: str) -> list[str]:
@@ -218,6 +222,7 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     for name in [v for pair in compare + compare_time for v in pair] + linear_variants:
         if name not in grid:
             raise IdaaError(f"'{name}' (in compare or linear) is not one of the variants: {', '.join(grid)}")
+    whole = grid
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         missing = [v for v in chosen if v not in grid]
@@ -240,7 +245,7 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
                                 "--seeds" if seeds is not None else "seeds"),
                     grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
                     target, Path(publish) if publish is not None else None, match_by,
-                    parse_seeds(data.get("seeds", [0]), "seeds"))
+                    parse_seeds(data.get("seeds", [0]), "seeds"), whole)
 
 
 def stages(protocol: Protocol) -> list[list[str]]:
