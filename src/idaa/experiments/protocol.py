@@ -222,17 +222,10 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     for name in [v for pair in compare + compare_time for v in pair] + linear_variants:
         if name not in grid:
             raise IdaaError(f"'{name}' (in compare or linear) is not one of the variants: {', '.join(grid)}")
-    whole = grid
-    if variants is not None:
-        chosen = [v.strip() for v in variants.split(",") if v.strip()]
-        missing = [v for v in chosen if v not in grid]
-        if not chosen or missing:
-            raise IdaaError(f"--variants: unknown variant(s) {', '.join(missing) or '(none given)'}; the protocol "
-                            f"has {', '.join(grid)}")
-        grid = {n: grid[n] for n in _with_dependencies(chosen, grid)}
-        compare = [pair for pair in compare if pair[0] in grid and pair[1] in grid]
-        compare_time = [pair for pair in compare_time if pair[0] in grid and pair[1] in grid]
-        linear_variants = [v for v in linear_variants if v in grid]
+    chosen = grid if variants is None else _selected(variants, grid)
+    compare = [pair for pair in compare if pair[0] in chosen and pair[1] in chosen]
+    compare_time = [pair for pair in compare_time if pair[0] in chosen and pair[1] in chosen]
+    linear_variants = [v for v in linear_variants if v in chosen]
     overrides = {k: v for k, v in (("data_dir", data_dir), ("vae", vae), ("max_steps", max_steps)) if v is not None}
     target = Path(str(out or data.get("out") or f"runs/reproduce-{path.stem}"))
     match_by = data.get("match_by", "seconds")
@@ -243,9 +236,19 @@ def read_protocol(path: str | Path, data_dir: str | None = None, vae: str | None
     return Protocol(path, preset, overrides, read_vae_block(data.get("vae")),
                     parse_seeds(seeds if seeds is not None else data.get("seeds", [0]),
                                 "--seeds" if seeds is not None else "seeds"),
-                    grid, reference if reference in grid else None, compare, compare_time, linear_variants, limit,
-                    target, Path(publish) if publish is not None else None, match_by,
-                    parse_seeds(data.get("seeds", [0]), "seeds"), whole)
+                    chosen, reference if reference in chosen else None, compare, compare_time, linear_variants,
+                    limit, target, Path(publish) if publish is not None else None, match_by,
+                    parse_seeds(data.get("seeds", [0]), "seeds"), grid)
+
+
+def _selected(variants: str, grid: dict[str, Variant]) -> dict[str, Variant]:
+    """The variants --variants names, with those they depend on."""
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    missing = [v for v in chosen if v not in grid]
+    if not chosen or missing:
+        raise IdaaError(f"--variants: unknown variant(s) {', '.join(missing) or '(none given)'}; the protocol "
+                        f"has {', '.join(grid)}")
+    return {n: grid[n] for n in _with_dependencies(chosen, grid)}
 
 
 def stages(protocol: Protocol) -> list[list[str]]:
