@@ -68,6 +68,11 @@ def machine_load() -> float | None:
         return None
 
 
+def where_timed(device_type: str) -> dict[str, str | float | None]:
+    """The fields an epoch record keeps beside its clocks: which machine, what kind of hardware, how busy."""
+    return {"machine": machine_id(), "hardware": hardware(device_type), "load": machine_load()}
+
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc mallopt parameters (malloc.h)
 _allocator_tuned: bool | None = None
 

@@ -226,12 +226,11 @@ def results_by_variant(runs: list[Run]) -> dict[str, dict[int, RunResult]]:
     return table
 
 
-def resolve(protocol: Protocol, variant: Variant, runs: list[Run],
-            grid: list[Run] | None = None) -> dict[str, Any] | None:
+def resolve(protocol: Protocol, variant: Variant, runs: list[Run], grid: list[Run]) -> dict[str, Any] | None:
     """Measure what a deferred variant needs from its finished dependencies (None if some are unfinished).
 
-    `runs` holds the dependencies' runs for every seed of `protocol.match_seeds`; `grid` every run of the file
-    (the runs a VAE's seconds may be converted beside; `runs` when not given).
+    `runs` holds the dependencies' runs for every seed of `protocol.match_seeds`; `grid` every run of the file,
+    the runs a VAE's seconds may be converted beside (read for `plus_vae_time` only).
     """
     results = results_by_variant([r for r in runs if r.variant in variant.depends_on])
     for dep in variant.depends_on:
@@ -260,7 +259,7 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run],
                             f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
         target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
         if vae_seconds:
-            vae_units, beside = vae_knn_units(vae_seconds, vae.machine, variant.rate_from, grid or runs)
+            vae_units, beside = vae_knn_units(vae_seconds, vae.machine, variant.rate_from, grid)
             target_units += vae_units
             resolved |= {"vae_knn_units": vae_units, "vae_units_from": beside}
         resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
@@ -315,9 +314,10 @@ def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: 
     changed = False
     measured = runs if protocol.seeds == protocol.match_seeds else \
         plan(dataclasses.replace(protocol, seeds=protocol.match_seeds), resolved, training=False)
-    grid = measured if protocol.variants == protocol.grid_variants else \
-        plan(dataclasses.replace(protocol, seeds=protocol.match_seeds, variants=protocol.grid_variants), resolved,
-             training=False)
+    enough = protocol.variants == protocol.grid_variants or \
+        not any(protocol.variants[name].plus_vae_time for name in stage)  # only a VAE's conversion reads the rest
+    grid = measured if enough else plan(dataclasses.replace(protocol, seeds=protocol.match_seeds,
+                                                           variants=protocol.grid_variants), resolved, training=False)
     for name in stage:
         variant = protocol.variants[name]
         if not variant.deferred or name in resolved:

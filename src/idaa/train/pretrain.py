@@ -24,7 +24,7 @@ from idaa.adversaries import VAE_ADVERSARIES, Adversary, build_adversary
 from idaa.analysis.embed import map_after_training
 from idaa.checkpoints import CHECKPOINT_FORMAT, build_from_config, read_checkpoint
 from idaa.data import Source, ViewPolicy, build_view_policy, make_feed, open_dataset, stopped_by_bad_image
-from idaa.devices import hardware, machine_id, machine_load, native_bf16, tune_cpu_allocator
+from idaa.devices import hardware, native_bf16, tune_cpu_allocator, where_timed
 from idaa.errors import IdaaError, warn
 from idaa.fileio import file_digest
 from idaa.methods import Method
@@ -352,7 +352,7 @@ def _epoch_record(cfg: PretrainConfig, run: _Run, state: RunState, progress: Epo
     record.update(state.clock)
     # the clocks' machine, its kind and how busy it was: `idaa reproduce` converts a VAE's seconds beside it, and
     # flags runs timed on other hardware or that shared the CPUs with other work (their costs are then bent)
-    record |= {"machine": machine_id(), "hardware": hardware(progress.sums.device.type), "load": machine_load()}
+    record |= where_timed(progress.sums.device.type)
     return record
 
 

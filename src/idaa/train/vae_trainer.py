@@ -16,7 +16,7 @@ from idaa.data.protocol import Source
 from idaa.data.sources import open_dataset
 from idaa.data.unreadable import readable
 from idaa.data.views import ViewPolicy, build_view_policy
-from idaa.devices import hardware, machine_id, machine_load, resolve_device
+from idaa.devices import resolve_device, where_timed
 from idaa.errors import DataError, IdaaError
 from idaa.fileio import reporting_write_faults
 from idaa.imaging import save_grid, stretch, to_unit_range
@@ -129,9 +129,7 @@ def _train_vae(cfg: VAETrainConfig, lock: RunLock, saved: LastCheckpoint) -> dic
         result = {"epoch": epoch, "step": step, "loss": train_loss, "train_mse": train_mse, "train_kl": train_kl,
                   "test_mse": held["mse"], "test_kl": held["kl"], "test_relative_mse": held["relative_mse"],
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
-                  "time": time.perf_counter() - start, "machine": machine_id(),
-                  "hardware": hardware(device.type), "load": machine_load(),
-                  **feed.end_epoch(bar.write)}
+                  "time": time.perf_counter() - start, **where_timed(device.type), **feed.end_epoch(bar.write)}
         log.write(result)
         trackers.log_metrics(result, step)
         with reporting_write_faults("the VAE", saved.path):
