@@ -1,5 +1,6 @@
 """`idaa reproduce`: a tiny protocol on digits end to end, resume, matched-time resolution, verdicts, bad input."""
 
+import argparse
 import csv
 import json
 import math
@@ -16,6 +17,7 @@ from idaa.analysis.time_to_accuracy import read_metrics
 from idaa.cli import main
 from idaa.errors import IdaaError
 from idaa.experiments import reproduce
+from idaa.experiments.cli_args import whole_grid
 from idaa.experiments.measure import RunResult, compare, read_run, time_fractions
 from idaa.experiments.protocol import read_protocol
 from idaa.experiments.report import END, START, collect, readme_section, report_markdown, write_readme_section
@@ -383,6 +385,20 @@ linear:
     assert [[r[c] for c in columns] for r in after] == [[r[c] for c in columns] for r in before]
     assert [r["run"] for r in after] == [str(docs / "runs" / f"{v}-s{s}") for s in (0, 1) for v in ("none", "slow")]
     assert "| slow | none | 50.50 ± 0.71 | 50.50 ± 0.71 | +0.00 |" in (out / "report.md").read_text()
+
+    # a part of the grid (here taken from its records again) still reports, and publishes, the whole grid
+    for part in (["--no-progress"], ["--report-only"]):
+        code, printed, err = run([*argv, "--seeds", "1", "--variants", "slow", *part], capsys)
+        assert code == 0, err
+        assert list(csv.DictReader((docs / "results.csv").open())) == after, part
+        published = (docs / "report.md").read_text()
+        assert "seeds 0, 1; every run" in published and f"    idaa reproduce {grid} --out {out}\n" in published
+        assert "| slow | none | 50.50 ± 0.71 | 50.50 ± 0.71 | +0.00 |" in published
+    args = argparse.Namespace(protocol=grid, data_dir=None, vae=None, seeds="2", variants="slow", out=str(out),
+                              max_steps=None, publish=str(docs))
+    whole, command = whole_grid(args, read_protocol(grid, seeds="2", variants="slow", out=str(out)))
+    assert whole.seeds == [0, 1, 2] and list(whole.variants) == ["none", "slow"] and whole.linear == ["slow"]
+    assert command == f"idaa reproduce {grid} --seeds 0,1,2 --out {out}"
 
     # a probed variant's record without its probe is incomplete: that run would be trained again
     (docs / "runs" / "slow-s1" / "eval.json").unlink()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from idaa.errors import IdaaError
+
+if TYPE_CHECKING:
+    from idaa.experiments.protocol import Protocol
 
 EXPERIMENT_COMMANDS = ("sweep", "reproduce")
 
@@ -60,13 +64,30 @@ def _sweep(args: argparse.Namespace) -> None:
     print("\n".join(f"-> {path}" for path in [report["table"], *report["plots"]]))
 
 
-def reproduce_command(args: argparse.Namespace) -> str:
-    """The command line that makes this report, as a user would type it."""
+def reproduce_command(args: argparse.Namespace, seeds: str | None = None) -> str:
+    """The command line that makes the whole grid's report, as a user would type it (`seeds`: beyond the file's)."""
     words = ["idaa", "reproduce", args.protocol]
-    for flag in ("data_dir", "vae", "seeds", "variants", "out", "max_steps"):
-        if getattr(args, flag) is not None:
-            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for flag, value in (("data_dir", args.data_dir), ("vae", args.vae), ("seeds", seeds), ("out", args.out),
+                        ("max_steps", args.max_steps)):
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", str(value)]
     return shlex.join(words)
+
+
+def whole_grid(args: argparse.Namespace, protocol: Protocol) -> tuple[Protocol, str]:
+    """The protocol's whole grid and its command: what the report covers, whatever --seeds and --variants train.
+
+    A grid trained a seed or a variant at a time thus never publishes a report of a part over the whole one.
+    """
+    from idaa.experiments.protocol import read_protocol
+
+    seeds = [*protocol.match_seeds, *[s for s in protocol.seeds if s not in protocol.match_seeds]]
+    if seeds == protocol.seeds and protocol.variants == protocol.grid_variants:
+        return protocol, reproduce_command(args)
+    extra = ",".join(map(str, seeds)) if seeds != protocol.match_seeds else None
+    grid = read_protocol(args.protocol, args.data_dir, args.vae, extra, None, args.out, args.max_steps,
+                         args.publish)
+    return grid, reproduce_command(args, extra)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -79,19 +100,22 @@ def _reproduce(args: argparse.Namespace) -> None:
         raise IdaaError("--dry-run and --report-only exclude each other")
     protocol = read_protocol(args.protocol, args.data_dir, args.vae, args.seeds, args.variants, args.out,
                              args.max_steps, args.publish)
-    command = reproduce_command(args)
     if args.dry_run:
         print("\n".join(status_lines(protocol, plan(protocol, training=False))))
         return
+    grid, command = whole_grid(args, protocol)
+
+    def whole(runs: list) -> list:  # the grid's runs, finished ones found in their folders or records
+        return runs if grid is protocol else plan(grid, training=False)
 
     def write(runs: list) -> dict:
-        paths = write_report(protocol, runs, command)
+        paths = write_report(grid, whole(runs), command)
         if protocol.publish is not None:
             paths["published"] = publish_report(protocol, paths)
         return paths
 
     if args.report_only:
-        runs = plan(protocol, training=False)
+        runs = plan(grid, training=False)
         if not protocol.out.is_dir() and not any(run.recorded for run in runs):
             raise IdaaError(f"'{protocol.out}' does not exist: nothing to report yet")
         protocol.out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +130,6 @@ def _reproduce(args: argparse.Namespace) -> None:
     paths = write(runs)
     if args.readme_section:
         paths["readme"] = write_readme_section(args.readme_section,
-                                               readme_section(protocol, runs, command, args.publish))
+                                               readme_section(grid, whole(runs), command, args.publish))
     print((protocol.out / "report.md").read_text().split("## Figures")[0].rstrip())
     print("\n".join(f"-> {path}" for path in paths.values()))
