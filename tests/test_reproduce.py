@@ -542,6 +542,53 @@ variants:
     assert "at the speed of the mean of none's (no run was timed on the VAE's machine)." in markdown
 
 
+def test_each_run_keeps_its_vaes_timing_for_the_match_and_the_report(tmp_path, tiny_vae, monkeypatch):
+    """Every machine trains its own VAE: a run records the one it used, so neither the plus-VAE match nor the report
+    depends on the VAE now on disk."""
+    from idaa.nets import save_vae
+
+    vae_dir = tmp_path / "vae-run"
+    vae_dir.mkdir()
+    save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
+    text = BASE + f"""seeds: [0, 1]
+match_by: knn-units
+variants:
+  none: {{}}
+  idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
+  none-time-vae-idaa: {{match_time_of: idaa, plus_vae_time: true}}
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"), publish=str(tmp_path / "docs"))
+    runs = protocol.out / "runs"
+    # seed 0 trained on machine a beside a VAE of 6 s; seed 1 on machine b (three times as busy) beside one of 12 s
+    for seed, (seconds, machine, load) in enumerate(((6.0, "a", 1.0), (12.0, "b", 3.0))):
+        (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": seconds, "machine": machine,
+                                                           "hardware": "CPU kind"}) + "\n")
+        fake_run(runs / f"none-s{seed}", 2, 1.0, [40.0, 50.0], load=load, machine=machine)
+        idaa = next(r for r in plan(protocol, training=False) if r.name == f"idaa-s{seed}")
+        monkeypatch.setattr(reproduce, "run_child", lambda command, name, what, run_=idaa, m=machine, x=load:
+                            fake_run(run_.path, 2, 2.0, [45.0, 55.0], load=x, machine=m))
+        reproduce._train(idaa, False, lambda text: None)
+        reproduce.publish_run(protocol, idaa)
+        assert json.loads((protocol.publish / "runs" / idaa.name / "vae.json").read_text())["seconds"] == seconds
+    shutil.rmtree(vae_dir)  # that VAE is gone (a new machine), and so is seed 0's run folder
+    shutil.rmtree(runs / "idaa-s0")
+    _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+    found = read_resolved(protocol)["none-time-vae-idaa"]
+    # each VAE at its own machine's speed: 6 s / 0.5 s = 12 units, 12 s / 1.5 s = 8 units; mean 10 over idaa's 8,
+    # at none's 2 units per epoch: 9 epochs
+    assert (found["vae_train_time"], found["vae_knn_units"], found["epochs"]) == (9.0, 10.0, 9)
+    assert found["vae_units_from"] == ["idaa-s0", "idaa-s1", "none-s0", "none-s1"]
+    markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+    assert f"- `{vae_dir / 'vae.pt'}` (used by idaa) trained, by each run's own record, in 6 s on CPU kind for " \
+           "idaa-s0; 12 s on CPU kind for idaa-s1." in markdown
+    (protocol.publish / "runs" / "idaa-s0" / "vae.json").unlink()  # a run that predates the record
+    markdown = report_markdown(collect(protocol, plan(protocol, training=False), "cmd"))
+    assert "12 s on CPU kind for idaa-s1; not recorded for idaa-s0 (the VAE there now: an unknown time" in markdown
+    (protocol.out / "resolved.json").unlink()
+    with pytest.raises(IdaaError, match="does not say how long the VAE trained"):
+        _resolve_stage(protocol, ["none-time-vae-idaa"], plan(protocol), echo=lambda text: None)
+
+
 def test_the_report_names_the_runs_trained_beside_other_work(tmp_path):
     text = BASE + """seeds: [0, 1]
 variants:

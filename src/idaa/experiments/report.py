@@ -19,11 +19,13 @@ from idaa.experiments.measure import RunResult, Verdict, as_row, compare, fmt, m
 from idaa.experiments.protocol import Protocol
 from idaa.experiments.reproduce import (
     Run,
+    VAETiming,
     linear_command,
     linear_result,
     read_resolved,
+    recorded_vae,
     results_by_variant,
-    vae_timing,
+    vae_on_disk,
 )
 from idaa.fileio import atomic_write_text, copy_into
 from idaa.train.config import resolve_config
@@ -203,19 +205,40 @@ MATCHED_IN_UNITS = (", both counted in their runs' own kNN evaluations (`match_b
                     "load cannot bend while it is steady")
 
 
+def _vae_time(timing: VAETiming | None) -> str:
+    if timing is None:
+        return "an unknown time (its metrics.jsonl is not beside it)"
+    text = f"{timing.seconds:.0f} s" + (f" on {timing.hardware}" if timing.hardware else "")
+    if timing.load is not None and timing.load > BUSY_LOAD:
+        text += f" while other work shared its CPUs (mean load per CPU {timing.load:.2f})"
+    return text
+
+
 def vae_lines(r: Report) -> list[str]:
-    """The training time of each VAE the grid's runs used: a user pays it too, once per dataset."""
+    """The training time of each VAE the grid's runs used: a user pays it too, once per dataset.
+
+    Each run trained since runs keep it names its own VAE's time (every machine trains its own VAE); for older
+    runs only the VAE now on disk can be read.
+    """
     lines = []
     for path in sorted({run.config["vae"] for run in r.runs if run.config and run.config.get("vae")}):
-        users = sorted({run.variant for run in r.runs if run.config and run.config.get("vae") == path})
-        try:
-            timing = vae_timing([run for run in r.runs if run.variant in users])
-            seconds = f"{timing.seconds:.0f} s"
-            if timing.load is not None and timing.load > BUSY_LOAD:
-                seconds += f" while other work shared its CPUs (mean load per CPU {timing.load:.2f})"
-        except IdaaError:
-            seconds = "an unknown time (its metrics.jsonl is not beside it)"
-        lines.append(f"- `{path}` trained in {seconds}; used by {', '.join(users)}.")
+        used = [run for run in r.runs if run.config and run.config.get("vae") == path]
+        users = ", ".join(sorted({run.variant for run in used}))
+        now = _vae_time(vae_on_disk(Path(path)))
+        done = [run for run in used if r.table[run.variant][run.seed].status == "done"]
+        recorded: dict[str, list[str]] = {}
+        for run in done:
+            timing = recorded_vae(run)
+            if timing is not None:
+                recorded.setdefault(_vae_time(timing), []).append(run.name)
+        if not recorded:
+            lines.append(f"- `{path}` trained in {now}; used by {users}.")
+            continue
+        parts = [f"{time} for {', '.join(names)}" for time, names in recorded.items()]
+        older = [run.name for run in done if recorded_vae(run) is None]
+        if older:
+            parts.append(f"not recorded for {', '.join(older)} (the VAE there now: {now})")
+        lines.append(f"- `{path}` (used by {users}) trained, by each run's own record, in {'; '.join(parts)}.")
     for name, found in read_resolved(r.protocol).items():
         if name in r.protocol.variants and "vae_knn_units" in found:
             beside = found.get("vae_units_from")

@@ -207,7 +207,8 @@ def publish_run(protocol: Protocol, run: Run) -> None:
     if run.record is None or run.recorded or run.config is None or \
             run_status(run.path, run.config, "the protocol") != "done":
         return
-    files = [path for path in (run.path / "config.yaml", run.path / "metrics.jsonl") if path.is_file()]
+    files = [path for path in (run.path / "config.yaml", run.path / "metrics.jsonl", run.path / VAE_RECORD)
+             if path.is_file()]
     if linear_result(run, protocol.linear_limit) is not None:
         files.append(run.path / "eval.json")
     try:
@@ -246,8 +247,8 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run], grid: list[Ru
     resolved = {"epochs": max(1, round(target / rate)), "match_time_of": variant.match_time_of,
                 "target_train_time": target, "rate_from": variant.rate_from, "seconds_per_epoch": rate,
                 "seeds": protocol.match_seeds, "match_by": protocol.match_by}
-    vae = vae_timing([r for r in runs if r.variant == variant.match_time_of]) if variant.plus_vae_time else None
-    vae_seconds = vae.seconds if vae else 0.0
+    vaes = vae_timings([r for r in runs if r.variant == variant.match_time_of]) if variant.plus_vae_time else []
+    vae_seconds = statistics.fmean(t.seconds for t in vaes) if vaes else 0.0
     if vae_seconds:
         resolved |= {"vae_train_time": vae_seconds, "target_train_time": target + vae_seconds,
                      "epochs": max(1, round((target + vae_seconds) / rate))}
@@ -259,9 +260,11 @@ def resolve(protocol: Protocol, variant: Variant, runs: list[Run], grid: list[Ru
                             f"'{variant.match_time_of}' and '{variant.rate_from}' (set knn_every: 1)")
         target_units, rate_units = statistics.fmean(units), statistics.fmean(rates)
         if vae_seconds:
-            vae_units, beside = vae_knn_units(vae_seconds, vae.machine, variant.rate_from, grid)
+            converted = [vae_knn_units(t.seconds, t.machine, variant.rate_from, grid) for t in vaes]
+            vae_units = statistics.fmean(units for units, _ in converted)
             target_units += vae_units
-            resolved |= {"vae_knn_units": vae_units, "vae_units_from": beside}
+            resolved |= {"vae_knn_units": vae_units,
+                         "vae_units_from": sorted({name for _, beside in converted for name in beside})}
         resolved |= {"epochs": max(1, round(target_units / rate_units)), "target_knn_units": target_units,
                      "knn_units_per_epoch": rate_units}
     return resolved
@@ -287,25 +290,59 @@ def vae_knn_units(seconds: float, machine: str | None, reference: str, runs: lis
     return seconds / statistics.fmean(r.monitor_time / len(r.curve_knn) for r in chosen), beside
 
 
+VAE_RECORD = "vae.json"  # beside a run trained with a VAE: how long that VAE trained, and where
+
+
 @dataclass
 class VAETiming:
-    """How long the VAE these runs used trained, on which machine and how busy it was (its metrics.jsonl)."""
+    """How long a VAE trained, on which machine and how busy it was (its metrics.jsonl)."""
 
     seconds: float
     machine: str | None  # None for a VAE whose metrics do not say (trained by an older version)
     load: float | None  # mean 1-minute load per CPU at its epochs' ends
+    hardware: str | None = None
 
 
-def vae_timing(runs: list[Run]) -> VAETiming:
-    """The timing of the VAE these runs used (the metrics.jsonl beside vae.pt)."""
+def vae_on_disk(vae: Path) -> VAETiming | None:
+    """The timing in the metrics.jsonl beside this vae.pt (None without it)."""
+    records = read_metrics(vae.parent / "metrics.jsonl") if (vae.parent / "metrics.jsonl").is_file() else []
+    if not records or "time" not in records[-1]:
+        return None
+    last = records[-1]
+    return VAETiming(float(last["time"]), last.get("machine"), mean_load(records), last.get("hardware"))
+
+
+def record_vae(run: Run) -> None:
+    """Keep beside a run just trained the timing of the VAE it used: every machine trains its own VAE, so a later
+    report or match may no longer find that one on disk."""
+    timing = vae_on_disk(Path(run.config["vae"])) if run.config and run.config.get("vae") else None
+    if timing is not None:
+        atomic_write_text(run.path / VAE_RECORD, json.dumps({"vae": run.config["vae"],
+                                                             **dataclasses.asdict(timing)}, indent=1) + "\n")
+
+
+def recorded_vae(run: Run) -> VAETiming | None:
+    """The VAE timing the run recorded when it trained (None for a run that predates the record)."""
+    try:
+        data = json.loads((run.source / VAE_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("seconds"), int | float):
+        return None
+    return VAETiming(float(data["seconds"]), data.get("machine"), data.get("load"), data.get("hardware"))
+
+
+def vae_timings(runs: list[Run]) -> list[VAETiming]:
+    """The timing of the VAE each run used: its own record, else the metrics.jsonl beside the vae.pt now on disk."""
     paths = {Path(r.config["vae"]) for r in runs if r.config and r.config.get("vae")}
     if len(paths) != 1:
         raise IdaaError(f"plus_vae_time needs one VAE for every matched run, found {len(paths)}")
-    metrics = next(iter(paths)).parent / "metrics.jsonl"
-    records = read_metrics(metrics) if metrics.is_file() else []
-    if not records or "time" not in records[-1]:
-        raise IdaaError(f"plus_vae_time: '{metrics}' does not say how long the VAE trained")
-    return VAETiming(float(records[-1]["time"]), records[-1].get("machine"), mean_load(records))
+    on_disk = vae_on_disk(next(iter(paths)))
+    timings = [recorded_vae(run) or on_disk for run in runs]
+    if None in timings:
+        raise IdaaError(f"plus_vae_time: '{next(iter(paths)).parent / 'metrics.jsonl'}' does not say how long "
+                        "the VAE trained")
+    return timings  # type: ignore[return-value]
 
 
 def _resolve_stage(protocol: Protocol, stage: list[str], runs: list[Run], echo: Any) -> list[Run]:
@@ -350,6 +387,7 @@ def _train(run: Run, progress: bool, echo: Any) -> None:
     command = pretrain_command(run.config, run.preset, status)
     echo(f"{WHAT}: {'resuming' if status == 'partial' else 'training'} {run.name}")
     run_child(command + ([] if progress else ["--no-progress"]), run.name, WHAT)
+    record_vae(run)
 
 
 def linear_command(run: Run, limit: int | None) -> str:
