@@ -217,8 +217,8 @@ def _vae_time(timing: VAETiming | None) -> str:
 def vae_lines(r: Report) -> list[str]:
     """The training time of each VAE the grid's runs used: a user pays it too, once per dataset.
 
-    Each run trained since runs keep it names its own VAE's time (every machine trains its own VAE); for older
-    runs only the VAE now on disk can be read.
+    A run trained by this version recorded the VAE it used (`vae.json`: every machine of a grid trains its own);
+    for older runs only the VAE now on disk can be read.
     """
     lines = []
     for path in sorted({run.config["vae"] for run in r.runs if run.config and run.config.get("vae")}):
