@@ -495,21 +495,26 @@ variants:
         read_protocol(protocol_file(tmp_path, text.replace("none: {}", "none: {plus_vae_time: true}")))
 
 
-def test_the_vaes_seconds_count_at_the_kNN_speed_of_the_reference_seeds_timed_beside_it(tmp_path, tiny_vae):
+def plus_vae_grid(tmp_path: Path, tiny_vae) -> tuple[Path, str]:
+    """A saved VAE's folder and a two-seed knn-units protocol: none, idaa with that VAE, SimCLR matched plus VAE."""
     from idaa.nets import save_vae
 
     vae_dir = tmp_path / "vae-run"
     vae_dir.mkdir()
     save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
-    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b",
-                                                       "load": 1.9}) + "\n")
-    text = BASE + f"""seeds: [0, 1]
+    return vae_dir, BASE + f"""seeds: [0, 1]
 match_by: knn-units
 variants:
   none: {{}}
   idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
   none-time-vae-idaa: {{match_time_of: idaa, plus_vae_time: true}}
 """
+
+
+def test_the_vaes_seconds_count_at_the_kNN_speed_of_the_reference_seeds_timed_beside_it(tmp_path, tiny_vae):
+    vae_dir, text = plus_vae_grid(tmp_path, tiny_vae)
+    (vae_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "time": 6.0, "machine": "b",
+                                                       "load": 1.9}) + "\n")
     protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
     runs = protocol.out / "runs"
     fake_run(runs / "none-s0", 2, 1.0, [40.0, 50.0], machine="a")  # 0.5 s per kNN evaluation on machine a
@@ -545,18 +550,7 @@ variants:
 def test_each_run_keeps_its_vaes_timing_for_the_match_and_the_report(tmp_path, tiny_vae, monkeypatch):
     """Every machine trains its own VAE: a run records the one it used, so neither the plus-VAE match nor the report
     depends on the VAE now on disk."""
-    from idaa.nets import save_vae
-
-    vae_dir = tmp_path / "vae-run"
-    vae_dir.mkdir()
-    save_vae(tiny_vae, vae_dir / "vae.pt", {"dataset": "digits"})
-    text = BASE + f"""seeds: [0, 1]
-match_by: knn-units
-variants:
-  none: {{}}
-  idaa: {{adversary: idaa, vae: {vae_dir / "vae.pt"}}}
-  none-time-vae-idaa: {{match_time_of: idaa, plus_vae_time: true}}
-"""
+    vae_dir, text = plus_vae_grid(tmp_path, tiny_vae)
     protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"), publish=str(tmp_path / "docs"))
     runs = protocol.out / "runs"
     # seed 0 trained on machine a beside a VAE of 6 s; seed 1 on machine b (three times as busy) beside one of 12 s

@@ -226,16 +226,16 @@ def vae_lines(r: Report) -> list[str]:
         users = ", ".join(sorted({run.variant for run in used}))
         now = _vae_time(vae_on_disk(Path(path)))
         done = [run for run in used if r.table[run.variant][run.seed].status == "done"]
+        timings = {run.name: recorded_vae(run) for run in done}
         recorded: dict[str, list[str]] = {}
-        for run in done:
-            timing = recorded_vae(run)
+        for name, timing in timings.items():
             if timing is not None:
-                recorded.setdefault(_vae_time(timing), []).append(run.name)
+                recorded.setdefault(_vae_time(timing), []).append(name)
         if not recorded:
             lines.append(f"- `{path}` trained in {now}; used by {users}.")
             continue
         parts = [f"{time} for {', '.join(names)}" for time, names in recorded.items()]
-        older = [run.name for run in done if recorded_vae(run) is None]
+        older = [name for name, timing in timings.items() if timing is None]
         if older:
             parts.append(f"not recorded for {', '.join(older)} (the VAE there now: {now})")
         lines.append(f"- `{path}` (used by {users}) trained, by each run's own record, in {'; '.join(parts)}.")
