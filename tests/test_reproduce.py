@@ -678,3 +678,45 @@ variants:
     found = read_resolved(protocol)["none-time-vae-idaa"]
     # the VAE's 6 s count at none-e3-s0's 1.5 s per evaluation (not the reference's 0.5 s on another machine)
     assert (found["vae_knn_units"], found["vae_units_from"]) == (4.0, ["none-e3-s0"])
+
+
+def probe(run_dir: Path, top1: float) -> None:
+    """The linear probe's record of a run's checkpoint, as `idaa eval linear` leaves it for the report."""
+    (run_dir / "eval.json").write_text(json.dumps({"linear_top1": top1, "reproduce_limit": None,
+                                                    "checkpoint_sha256": file_digest(run_dir / "last.ckpt")}))
+
+
+def test_the_goal_is_met_only_by_a_pair_won_by_knn_and_linear_over_every_seed(tmp_path):
+    text = BASE + """seeds: [0, 1]
+variants:
+  none: {}
+  slow: {adversary: random-view}
+  none-time-slow: {match_time_of: slow}
+linear:
+  variants: [slow, none-time-slow]
+"""
+    protocol = read_protocol(protocol_file(tmp_path, text), out=str(tmp_path / "rep"))
+    runs_dir = protocol.out / "runs"
+    for seed in (0, 1):
+        fake_run(runs_dir / f"none-s{seed}", 2, 1.0, [40.0, 50.0])
+        fake_run(runs_dir / f"slow-s{seed}", 2, 3.0, [45.0, 55.0 + seed])
+        probe(runs_dir / f"slow-s{seed}", 50.0 + seed)
+    runs = _resolve_stage(protocol, ["none-time-slow"], plan(protocol), echo=lambda text: None)
+
+    def goal() -> str:
+        return readme_section(protocol, plan(protocol), "idaa reproduce p.yaml").split("- slow vs")[0]
+
+    fake_run(runs_dir / "none-time-slow-s0", 6, 1.0, [40.0, 45, 48, 50, 52, 53.0])
+    probe(runs_dir / "none-time-slow-s0", 48.0)
+    assert "- At 2 epochs: not measured yet. Still training: slow vs none-time-slow: kNN +2.50, linear +2.50 (1/2 " \
+           "seeds)." in goal(), "one seed of the baseline: no verdict yet"
+    fake_run(runs_dir / "none-time-slow-s1", 6, 1.0, [40.0, 45, 48, 50, 52, 54.0])
+    probe(runs_dir / "none-time-slow-s1", 49.0)
+    # kNN 55.5 vs 53.5 and linear 50.5 vs 48.5, each with 2 SE 1.41: IDAA better by both
+    assert "- At 2 epochs: met by slow." in goal() and "Still training" not in goal()
+    probe(runs_dir / "none-time-slow-s1", 51.0)
+    # linear 50.5 vs 49.5 (2 SE 3.16): within noise, so the kNN win alone does not meet the goal
+    assert ("- At 2 epochs: not met: no IDAA setting beats SimCLR given the same compute by both probes (difference "
+            "IDAA - SimCLR: slow vs none-time-slow: kNN +2.00 (2 SE 1.41), linear +1.00 (2 SE 3.16)).") in goal()
+    markdown = report_markdown(collect(protocol, runs, "idaa reproduce p.yaml"))
+    assert "- At 2 epochs: not met" in markdown.split("## At equal training time")[1].split("##")[0]

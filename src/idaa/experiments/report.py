@@ -159,6 +159,53 @@ def equal_time_pairs(protocol: Protocol) -> list[tuple[str, str]]:
     return matched + [pair for pair in protocol.compare_time if pair not in matched]
 
 
+GOAL = ("Goal: an IDAA setting that beats SimCLR given the same compute (its `match_time_of` baseline) by more "
+        "than two standard errors, by kNN and by the linear probe, at each training budget.")
+
+
+def _pair_verdict(r: Report, first: str, second: str) -> tuple[str, bool, bool]:
+    """(the pair's numbers in words, whether every seed of both sides is done, whether IDAA wins by both probes)."""
+    n, probed = len(r.protocol.seeds), first in r.protocol.linear and second in r.protocol.linear
+    words, wins, done = [], probed, True
+    for key, what in [("knn_top1", "kNN"), ("linear_top1", "linear")][:1 + probed]:
+        a, b = r.values(first, key), r.values(second, key)
+        done = done and len(a) == len(b) == n
+        v = compare(a, b)
+        wins = wins and v.verdict == "real" and v.difference is not None and v.difference > 0
+        two_se = "" if v.standard_error is None else f" (2 SE {2 * v.standard_error:.2f})"
+        words.append(f"{what} {_signed(v.difference)}{two_se}")
+    seeds = min(len(r.values(first)), len(r.values(second)))
+    text = f"{first} vs {second}: {', '.join(words)}" + ("" if probed else ", linear not probed")
+    return text + ("" if done else f" ({seeds}/{n} seeds)"), done, wins
+
+
+def goal_lines(r: Report) -> list[str]:
+    """Whether the goal is met, one line per training budget (the IDAA variant's epochs), from the finished pairs.
+
+    A pair counts once every seed of both sides is done; unfinished pairs are named with their seeds so far.
+    """
+    budgets: dict[Any, list[tuple[str, bool, bool]]] = {}
+    for variant in r.protocol.variants.values():
+        if variant.match_time_of:
+            run = next(x for x in r.runs if x.variant == variant.match_time_of)
+            epochs = run.config["epochs"] if run.config else "?"
+            budgets.setdefault(epochs, []).append(_pair_verdict(r, variant.match_time_of, variant.name))
+    lines = []
+    for epochs, pairs in budgets.items():
+        finished = [text for text, done, _ in pairs if done]
+        winners = [text.split(" vs ")[0] for text, done, wins in pairs if done and wins]
+        pending = "; ".join(text for text, done, _ in pairs if not done)
+        if winners:
+            said = f"met by {', '.join(winners)}"
+        elif finished:
+            said = (f"not met{' so far' * bool(pending)}: no IDAA setting beats SimCLR given the same compute by "
+                    f"both probes (difference IDAA - SimCLR: {'; '.join(finished)})")
+        else:
+            said = "not measured yet"
+        lines.append(f"- At {epochs} epochs: {said}." + (f" Still training: {pending}." if pending else ""))
+    return lines
+
+
 def partial_matches(protocol: Protocol) -> str:
     """A sentence naming the deferred variants resolved over fewer seeds than the protocol's (empty if none)."""
     resolved = read_resolved(protocol)
@@ -276,6 +323,8 @@ def report_markdown(r: Report) -> str:
                           "`resolved.json` holds the measured times. Pairs listed under `compare_time` cost the same "
                           f"by construction (e.g. another eps at the same attack schedule).{partial_matches(p)}",
                           comparison_table(r, equal_time_pairs(p), True))
+        if goal_lines(r):
+            parts += [GOAL, "", *goal_lines(r), ""]
     if best_of_pairs(p):
         parts += _section("Other settings for the best variant", "Each `best_of` variant (first) takes the "
                           "settings of the candidate with the best mean final kNN (second) and changes what it sets.",
@@ -350,6 +399,8 @@ def readme_section(protocol: Protocol, runs: list[Run], command: str, published:
     source = "" if published is None else f", published from {protocol.out}/"
     lines = [START, f"Made by `{command}` ({n} seed{'s' * (n > 1)}; full report: [{report}]({report}){source}). "
              f"{RULE}", ""]
+    if goal_lines(r):
+        lines += [GOAL, "", *goal_lines(r), ""]
     for first, second in protocol.compare:
         lines.append(_sentence(r, first, second, "at equal epochs"))
     for first, second in equal_time_pairs(protocol):
