@@ -184,17 +184,18 @@ def goal_lines(r: Report) -> list[str]:
 
     A pair counts once every seed of both sides is done; unfinished pairs are named with their seeds so far.
     """
-    budgets: dict[Any, list[tuple[str, bool, bool]]] = {}
+    budgets: dict[Any, list[tuple[str, str, bool, bool]]] = {}
     for variant in r.protocol.variants.values():
         if variant.match_time_of:
             run = next(x for x in r.runs if x.variant == variant.match_time_of)
             epochs = run.config["epochs"] if run.config else "?"
-            budgets.setdefault(epochs, []).append(_pair_verdict(r, variant.match_time_of, variant.name))
+            pair = (variant.match_time_of, *_pair_verdict(r, variant.match_time_of, variant.name))
+            budgets.setdefault(epochs, []).append(pair)
     lines = []
     for epochs, pairs in budgets.items():
-        finished = [text for text, done, _ in pairs if done]
-        winners = [text.split(" vs ")[0] for text, done, wins in pairs if done and wins]
-        pending = "; ".join(text for text, done, _ in pairs if not done)
+        finished = [text for _, text, done, _ in pairs if done]
+        winners = [first for first, _, done, wins in pairs if done and wins]
+        pending = "; ".join(text for _, text, done, _ in pairs if not done)
         if winners:
             said = f"met by {', '.join(winners)}"
         elif finished:
