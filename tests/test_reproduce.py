@@ -241,7 +241,11 @@ linear:
     assert "- slow vs none-time-slow at equal training time: 50.50 ± 0.71 vs 52.50 ± 0.71 linear top-1" in summary
     assert "By the linear probe, slow does not beat SimCLR trained for the same time (none-time-slow)" in summary
     # none reaches its final 50 at 2 s; slow reaches it (55, 56) at its epoch 2, 6 s: 3.00 of none's time
-    assert "- slow reached none's final kNN in 3.00 ± 0.00 of none's training time (2/2 seeds" in summary
+    assert "- slow reached none's final kNN in 3.00 ± 0.00 of none's training compute, load-free (2/2 seeds" \
+        in summary
+    # slow-alpha2's seed 1 took 12.4 s on the machine twice as slow, 6.20 of none's seconds, but its own kNN
+    # evaluations took twice as long too: in load-free compute both seeds took 3.10 (raw seconds: 4.65 ± 2.19)
+    assert "- slow-alpha2 reached none's final kNN in 3.10 ± 0.00 of none's training compute" in summary
 
     # --publish copies the report beside the README's link to it; the runs stay where they are
     readme, docs = tmp_path / "README.md", tmp_path / "docs" / "rep"
@@ -275,6 +279,10 @@ def test_verdicts_and_time_fractions_against_hand_computed_values():
     # seed 0: reaches 40 at 40 s, the reference first at 30 s; seed 1: the reference's 40 (first at 20 s) is
     # never reached
     assert compared == 2 and fractions == [pytest.approx(40 / 30)]
+    # with monitor timings the seconds count in units of each run's own kNN evaluation: the variant's seed 0
+    # evaluated at 2 s each (a machine twice as slow), the reference's at 1 s, so 40 s are 20 units against 30
+    variant[0].monitor_time, reference[0].monitor_time = 2.0 * 3, 1.0 * 3
+    assert time_fractions(variant, reference)[0] == [pytest.approx(20 / 30)]
 
 
 def test_shipped_protocols_plan_every_run(tmp_path, capsys):

@@ -75,7 +75,7 @@ def plot_time_to_accuracy(table: dict[str, dict[int, RunResult]], reference: str
         ax.set_yticks([])
     ax.axvline(1.0, color="black", linewidth=1, label=f"{reference or 'reference'} (1.0)")
     ax.axvline(PAPER_TABLE_11, color="grey", linestyle="--", linewidth=1, label=f"paper Table 11 ({PAPER_TABLE_11})")
-    ax.set(xlabel=f"training time to reach {reference or 'the reference'}'s final kNN, as a fraction of its own",
+    ax.set(xlabel=f"compute to reach {reference or 'the reference'}'s final kNN, as a fraction of its own (load-free)",
            title="time to accuracy")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=7, loc="best")

@@ -41,11 +41,17 @@ class RunResult:
     load: float | None = None  # mean 1-minute load average per CPU at its epochs' ends, when its metrics say
 
     @property
+    def unit_seconds(self) -> float | None:
+        """Seconds of one of the run's own kNN evaluations: the load-free unit (None without monitor timings)."""
+        if not self.monitor_time or not self.curve_knn:
+            return None
+        return self.monitor_time / len(self.curve_knn)
+
+    @property
     def monitor_units(self) -> float | None:
         """Training time in units of one kNN evaluation of the same run (None without monitor timings)."""
-        if not self.train_time or not self.monitor_time or not self.curve_knn:
-            return None
-        return self.train_time / (self.monitor_time / len(self.curve_knn))
+        unit = self.unit_seconds
+        return self.train_time / unit if self.train_time and unit else None
 
 
 def read_run(run: Path, epochs: int | None) -> RunResult:
@@ -115,10 +121,12 @@ def first_reaching(seconds: list[float], accuracy: list[float], target: float) -
 
 
 def time_fractions(variant: dict[int, RunResult], reference: dict[int, RunResult]) -> tuple[list[float], int]:
-    """Per seed: seconds for the variant to reach the reference's final kNN, over the reference's own seconds.
+    """Per seed: compute for the variant to reach the reference's final kNN, over the reference's own compute.
 
-    The paper's Table 11 ratio (IDAA's time to reach SimCLR's accuracy over SimCLR's). Seeds are paired (the
-    same seed's reference run sets the target); returns the fractions of the seeds that reached it and how
+    The paper's Table 11 ratio (IDAA's time to reach SimCLR's accuracy over SimCLR's). Compute is training
+    seconds over the seconds of one of the run's own kNN evaluations (`unit_seconds`), so runs timed on machines
+    of other speeds or loads compare; a pair without monitor timings falls back to raw seconds. Seeds are paired
+    (the same seed's reference run sets the target); returns the fractions of the seeds that reached it and how
     many seeds were compared.
     """
     fractions, compared = [], 0
@@ -130,7 +138,9 @@ def time_fractions(variant: dict[int, RunResult], reference: dict[int, RunResult
         ref_time = first_reaching(ref.curve_seconds, ref.curve_knn, ref.knn_top1)
         reached = first_reaching(run.curve_seconds, run.curve_knn, ref.knn_top1)
         if reached is not None and ref_time:
-            fractions.append(reached / ref_time)
+            units = (run.unit_seconds, ref.unit_seconds)
+            scale = units[1] / units[0] if units[0] and units[1] else 1.0
+            fractions.append(reached / ref_time * scale)
     return fractions, compared
 
 

@@ -287,7 +287,7 @@ def vae_knn_units(seconds: float, machine: str | None, reference: str, runs: lis
                     if machine and r.machine == machine and r.status == "done" and r.monitor_time and r.curve_knn)
     chosen = [timed[name] for name in beside] or \
         [timed[run.name] for run in same_work if run.variant == reference]
-    return seconds / statistics.fmean(r.monitor_time / len(r.curve_knn) for r in chosen), beside
+    return seconds / statistics.fmean(r.unit_seconds for r in chosen), beside
 
 
 VAE_RECORD = "vae.json"  # beside a run trained with a VAE: how long that VAE trained, and where
