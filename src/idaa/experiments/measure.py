@@ -138,8 +138,8 @@ def time_fractions(variant: dict[int, RunResult], reference: dict[int, RunResult
         ref_time = first_reaching(ref.curve_seconds, ref.curve_knn, ref.knn_top1)
         reached = first_reaching(run.curve_seconds, run.curve_knn, ref.knn_top1)
         if reached is not None and ref_time:
-            units = (run.unit_seconds, ref.unit_seconds)
-            scale = units[1] / units[0] if units[0] and units[1] else 1.0
+            run_unit, ref_unit = run.unit_seconds, ref.unit_seconds
+            scale = ref_unit / run_unit if run_unit and ref_unit else 1.0
             fractions.append(reached / ref_time * scale)
     return fractions, compared
 

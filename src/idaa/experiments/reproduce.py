@@ -284,7 +284,7 @@ def vae_knn_units(seconds: float, machine: str | None, reference: str, runs: lis
     same_work = [run for run in runs if run.config and all(run.config.get(k) == like.get(k) for k in KNN_WORK)]
     timed = {run.name: read_run(run.source, run.config["epochs"]) for run in same_work}
     beside = sorted(name for name, r in timed.items()
-                    if machine and r.machine == machine and r.status == "done" and r.monitor_time and r.curve_knn)
+                    if machine and r.machine == machine and r.status == "done" and r.unit_seconds)
     chosen = [timed[name] for name in beside] or \
         [timed[run.name] for run in same_work if run.variant == reference]
     return seconds / statistics.fmean(r.unit_seconds for r in chosen), beside
