@@ -157,6 +157,10 @@ variants:
         fake_run(protocol.out / "runs" / f"none-s{seed}", 2, none_rate, [40.0, 50.0])
         fake_run(protocol.out / "runs" / f"slow-s{seed}", 2, slow_rate, [45.0, 55.0 + seed])
         fake_run(protocol.out / "runs" / f"slower-s{seed}", 2, slow_rate, [45.0, 52.0])
+        code, printed, _ = run(["reproduce", protocol_file(tmp_path, text), "--out", str(protocol.out),
+                                "--dry-run"], capsys)  # matched over both seeds: ready only once both finished
+        state = "resolves from finished" if seed == 1 else "waits for"
+        assert code == 0 and f"none-time-slow-s0: {state} slow, none" in printed, printed
     runs = _resolve_stage(protocol, ["none-time-slow", "best-alpha2"], runs, echo=lambda text: None)
     resolved = json.loads((protocol.out / "resolved.json").read_text())
     # slow trains 2 epochs at 3.2 s/epoch on average (6.4 s), none takes 1.1 s/epoch: 6.4 / 1.1 -> 6 epochs

@@ -429,9 +429,14 @@ def _linear(run: Run, limit: int | None, progress: bool, echo: Any) -> None:
 
 
 def status_lines(protocol: Protocol, runs: list[Run]) -> list[str]:
-    """What --dry-run prints: every run and whether it is done, partial, new or waiting for others."""
+    """What --dry-run prints: every run and whether it is done, partial, new, ready to resolve or waiting."""
     states = ["done (published record)" if r.recorded else run_status(r.path, r.config, "the protocol")
-              if r.config else f"waits for {', '.join(r.waits_for)}" for r in runs]
+              if r.config else "" for r in runs]
+    finished = {(r.variant, r.seed) for r, state in zip(runs, states, strict=True) if state.startswith("done")}
+    for i, run in enumerate(runs):
+        if run.config is None:  # deferred: resolved by the next run once its matched seeds are all finished
+            ready = {(dep, seed) for dep in run.waits_for for seed in protocol.match_seeds} <= finished
+            states[i] = f"{'resolves from finished' if ready else 'waits for'} {', '.join(run.waits_for)}"
     done = sum(state.startswith("done") for state in states)
     lines = [f"{WHAT}: {len(runs)} runs in {protocol.out} ({done} finished)"]
     return lines + [f"  {run.name}: {state}" for run, state in zip(runs, states, strict=True)]
