@@ -50,6 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="idaa", description="Identity-Disentangled Adversarial Augmentation for SSL")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_vae(sub)
+    from idaa.train.cli_args import add_pretrain_parser
+
+    add_pretrain_parser(sub)
+    from idaa.semi.cli_args import add_semi_parser
+
+    add_semi_parser(sub)
+    _add_eval(sub)
+    _add_export_report(sub)
+
+    from idaa.analysis.cli_args import add_analysis_parsers
+
+    add_analysis_parsers(sub)  # diagnose, gallery, plot, embed
+    from idaa.experiments.cli_args import add_experiment_parsers
+
+    add_experiment_parsers(sub)  # sweep, reproduce
+    from idaa.data.cli_args import add_data_parser
+
+    add_data_parser(sub)  # data pack, data list
+    _add_bench(sub)
+    d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
+    d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
+    d.add_argument("--vae-epochs", type=int, default=10)
+    d.add_argument("--epochs", type=int, default=10, help="SimCLR epochs per run")
+    _add_common(d)
+    return parser
+
+
+def _add_vae(sub: argparse._SubParsersAction) -> None:
+    """`idaa vae train` and `idaa vae check`."""
     vae = sub.add_parser("vae", help="train the identity-disentangling VAE").add_subparsers(
         dest="vae_command", required=True, parser_class=_Parser)
     t = vae.add_parser("train", help="train a VAE and write vae.pt, metrics.jsonl and a reconstruction grid")
@@ -70,12 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("vae", help="path to vae.pt")
     _add_data(c, default=None)
 
-    from idaa.train.cli_args import add_pretrain_parser
 
-    add_pretrain_parser(sub)
-    from idaa.semi.cli_args import add_semi_parser
-
-    add_semi_parser(sub)
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """`idaa eval knn`, `linear` and `transfer`."""
     ev = sub.add_parser("eval", help="evaluate a pretraining checkpoint").add_subparsers(
         dest="eval_command", required=True, parser_class=_Parser)
     k = ev.add_parser("knn", help="weighted kNN accuracy of a checkpoint's features")
@@ -92,24 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true")
     _add_stream(k)
     _add_linear_eval(ev)
-    _add_export_report(sub)
-
-    from idaa.analysis.cli_args import add_analysis_parsers
-
-    add_analysis_parsers(sub)  # diagnose, gallery, plot, embed
-    from idaa.experiments.cli_args import add_experiment_parsers
-
-    add_experiment_parsers(sub)  # sweep, reproduce
-    from idaa.data.cli_args import add_data_parser
-
-    add_data_parser(sub)  # data pack, data list
-    _add_bench(sub)
-    d = sub.add_parser("demo", help="the IDAA story on the embedded digits data, in a few minutes on a CPU")
-    d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (replaced on each run)")
-    d.add_argument("--vae-epochs", type=int, default=10)
-    d.add_argument("--epochs", type=int, default=10, help="SimCLR epochs per run")
-    _add_common(d)
-    return parser
 
 
 def _add_linear_eval(ev: argparse._SubParsersAction) -> None:
